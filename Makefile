@@ -1,0 +1,39 @@
+# The two commands a newcomer needs:
+#   make demo   # create the environment if missing, then `dvc repro` the whole pipeline (offline sample)
+#   make test   # create the environment if missing, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SPIGA_VERSION := 0.0.6
+
+.PHONY: demo test real lint bench env clean-env help
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ -/'
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools<81" wheel
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps spiga==$(SPIGA_VERSION)
+	$(BIN)/python -c "import torch, torchvision, transformers, datasets, spiga.models.spiga, dvc"
+	touch $@
+
+env: $(BIN)/.installed  ## create the virtual environment (.venv)
+
+demo: $(BIN)/.installed  ## run the whole pipeline on the embedded sample with stand-in models (offline, CPU)
+	$(BIN)/dvc repro
+
+real: $(BIN)/.installed  ## the real configuration: official data and weights (needs internet; a GPU advised)
+	$(BIN)/dvc exp run --set-param base.profile=real
+
+test: $(BIN)/.installed  ## run the tests
+	$(BIN)/python -m pytest -n 2 tests
+
+lint: $(BIN)/.installed  ## ruff
+	$(BIN)/ruff check pipelines stages tests
+
+bench: $(BIN)/.installed  ## the speed benchmark alone (writes reports/bench/)
+	$(BIN)/dvc repro bench_facesynthetics
+
+clean-env:  ## remove the virtual environment
+	rm -rf $(VENV)
