@@ -1,9 +1,13 @@
 # The two commands a newcomer needs:
 #   make demo   # create the environment if missing, then `dvc repro` the whole pipeline (offline sample)
 #   make test   # create the environment if missing, then run the test suite
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# dvc.yaml runs `python -m stages.<name>`: put the environment first on PATH so that is ours.
+export PATH := $(abspath $(BIN)):$(PATH)
 SPIGA_VERSION := 0.0.6
 
 .PHONY: demo test real lint bench env clean-env help
@@ -13,8 +17,8 @@ help:  ## list targets
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools<81" wheel
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps spiga==$(SPIGA_VERSION)
+	$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -m pip install --quiet --no-deps spiga==$(SPIGA_VERSION) 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -c "import torch, torchvision, transformers, datasets, spiga.models.spiga, dvc"
 	touch $@
 

@@ -1,0 +1,76 @@
+"""Getting model weights into a local folder with a manifest: real downloads and stand-ins alike.
+
+Every consumer (annotate, caption, bench, later evaluate) loads from the local folder and reads the
+manifest to report which model it used and whether it was real.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from pipelines.reports import ModelInfo, write_model_manifest
+from pipelines.standins import STANDIN_NOTE, build_standin
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digest(root: str | Path) -> str:
+    """SHA-256 over the relative paths and bytes of every file under ``root`` (manifest excluded)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != "facecontrol_model.json"):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _fresh(dest: Path) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    return dest
+
+
+def make_standin(role: str, dest: str | Path, seed: int = 0) -> ModelInfo:
+    """Build the stand-in for ``role`` into ``dest`` and write its manifest."""
+    dest = _fresh(Path(dest))
+    model_id, _ = build_standin(role, dest, seed)
+    info = ModelInfo(name=role, id=model_id, revision=tree_digest(dest),
+                     source=f"built by code (pipelines.standins, seed={seed})", standin=True, note=STANDIN_NOTE)
+    write_model_manifest(dest, info)
+    return info
+
+
+def fetch_weights_file(role: str, url: str, file_name: str, dest: str | Path, cache_dir: str | Path,
+                       sha256: str | None = None) -> ModelInfo:
+    """Download a single weights file (resumable, into ``cache_dir``), copy it into ``dest``, write the manifest."""
+    from pipelines.sources.downloads import download
+
+    result = download(url, Path(cache_dir) / file_name, sha256=sha256)
+    dest = _fresh(Path(dest))
+    shutil.copyfile(result.path, dest / file_name)
+    info = ModelInfo(name=role, id=file_name, revision=result.sha256, source=url, standin=False)
+    write_model_manifest(dest, info)
+    return info
+
+
+def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path) -> ModelInfo:
+    """Resolve ``revision`` to a commit, download that snapshot into ``dest``, write the manifest."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    commit = HfApi().model_info(repo_id, revision=revision).sha
+    dest = _fresh(Path(dest))
+    snapshot_download(repo_id, revision=commit, local_dir=dest,
+                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+    shutil.rmtree(dest / ".cache", ignore_errors=True)
+    info = ModelInfo(name=role, id=repo_id, revision=commit, source=f"https://huggingface.co/{repo_id}", standin=False)
+    write_model_manifest(dest, info)
+    return info

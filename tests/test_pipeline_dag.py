@@ -1,0 +1,77 @@
+"""The whole sample DAG (`dvc repro`) in a temporary copy of the repository, asserting on its files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+COPY_IGNORE = shutil.ignore_patterns(".venv", "data", ".git", "__pycache__", ".pytest_cache", "*.egg-info", ".ruff_cache")
+
+
+def sh(args, cwd, env):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory, ):
+    repo = Path(__file__).resolve().parents[1]
+    work = tmp_path_factory.mktemp("dag") / "repo"
+    shutil.copytree(repo, work, ignore=COPY_IGNORE)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(work), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh(["git", "init", "-q"], work, env)
+    sh(["git", "add", "-A"], work, env)
+    sh(["git", "commit", "-qm", "copy"], work, env)
+    out = sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    return work, env, out
+
+
+def test_dataset_is_built_and_loads(sample_run):
+    import datasets
+
+    work, _, _ = sample_run
+    ds = datasets.load_dataset(str(work / "data/datasets/facesynthetics_spiga"))
+    assert set(ds) == {"train", "validation"}
+    assert ds["train"].num_rows + ds["validation"].num_rows == 24  # 24 good faces; 4 broken ones skipped
+    row = ds["train"][0]
+    for col in ("image", "conditioning_image", "text", "landmarks", "headpose", "face_box", "source_landmarks",
+                "segmentation", "id"):
+        assert col in row
+    assert row["image"].size == (512, 512) and row["conditioning_image"].size == (512, 512)
+    card = (work / "data/datasets/facesynthetics_spiga/README.md").read_text()
+    assert card.startswith("---") and "stand-in" in card.lower()
+
+
+def test_report_counts_skips_and_says_standin(sample_run):
+    work, _, _ = sample_run
+    report = json.loads((work / "reports/datasets/facesynthetics_spiga.json").read_text())
+    assert report["rows"]["total"] == 24
+    assert report["skipped"] == {"missing_image": 1, "corrupt_image": 1, "bad_landmarks": 1, "wrong_image_size": 1}
+    assert report["uses_standin_models"] is True
+    assert report["landmark_nme"]["count"] == 24
+
+
+def test_benchmark_written_with_ratios(sample_run):
+    work, _, _ = sample_run
+    bench = json.loads((work / "reports/bench/facesynthetics.json").read_text())
+    for part in ("annotate", "caption", "draw"):
+        assert bench[part]["ours_images_per_s"] > 0 and bench[part]["original_images_per_s"] > 0
+        assert bench[part]["speedup"] == pytest.approx(
+            bench[part]["ours_images_per_s"] / bench[part]["original_images_per_s"], rel=1e-3)
+    assert bench["uses_standin_models"] is True
+
+
+def test_second_repro_does_nothing_and_metrics_show(sample_run):
+    work, env, _ = sample_run
+    out = sh([sys.executable, "-m", "dvc", "repro"], work, env)
+    assert "up to date" in out
+    shown = sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], work, env)
+    assert "facesynthetics_spiga.json" in shown
