@@ -10,12 +10,17 @@ the main process runs :meth:`BlipCaptioner.caption` (one ``generate`` call per b
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
+
+from pipelines.shards import Failure, to_tensor_batch
+from pipelines.sources.facesynthetics import FaceSample, SampleError, read_image
 
 # The real model's image processor: 384 px, bicubic, OpenAI CLIP mean/std.
 BLIP_IMAGE_SIZE = 384
@@ -23,7 +28,40 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 BLIP_MAX_NEW_TOKENS = 20  # transformers' default generation length (greedy), the one the real model runs with
 
+CAPTION_SCHEMA = pa.schema([pa.field("text", pa.string())])
+
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pixel_values(image_processor: object, image_rgb: np.ndarray) -> np.ndarray:
+    """``image_processor`` applied to one HxWx3 uint8 RGB image: (3, H, W) float32."""
+    if not image_rgb.flags.writeable:  # decoded images are often read-only views
+        image_rgb = image_rgb.copy()
+    out = image_processor(images=image_rgb, return_tensors="np")["pixel_values"]
+    return np.ascontiguousarray(out[0], dtype=np.float32)
+
+
+def load_caption_input(sample: FaceSample, image_size: int, image_processor: object | None) -> dict | Failure:
+    """Read one sample's image and preprocess it (runs in DataLoader workers; bad images become Failures).
+
+    ``image_processor`` None (method ``none``): the image is only checked, and the result is empty.
+    """
+    try:
+        image = read_image(sample.image_path, size=image_size)
+    except SampleError as exc:
+        return Failure(exc.reason, exc.detail)
+    return {} if image_processor is None else {"pixel_values": pixel_values(image_processor, image)}
+
+
+def caption_batch_fn(captioner: BlipCaptioner | None) -> Callable[[list[dict]], list[dict]]:
+    """The batch function for :class:`~pipelines.shards.ShardedMap`: one ``generate`` per batch (or empty texts)."""
+
+    def infer(batch: list[dict]) -> list[dict]:
+        if captioner is None:
+            return [{"text": ""} for _ in batch]
+        return [{"text": t} for t in captioner.caption(to_tensor_batch([b["pixel_values"] for b in batch]))]
+
+    return infer
 
 
 @dataclass
@@ -52,10 +90,7 @@ class BlipCaptioner:
 
     def preprocess(self, image_rgb: np.ndarray) -> np.ndarray:
         """One HxWx3 uint8 RGB image to BLIP ``pixel_values`` (3, 384, 384) float32 (image processor only)."""
-        if not image_rgb.flags.writeable:  # decoded images are often read-only views
-            image_rgb = image_rgb.copy()
-        out = self.processor.image_processor(images=image_rgb, return_tensors="np")["pixel_values"]
-        return np.ascontiguousarray(out[0], dtype=np.float32)
+        return pixel_values(self.processor.image_processor, image_rgb)
 
     @torch.inference_mode()
     def caption(self, pixel_values: torch.Tensor) -> list[str]:

@@ -30,6 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipelines.reports import write_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
@@ -224,3 +226,50 @@ def to_tensor_batch(arrays: list) -> torch.Tensor:
     """Stack per-sample numpy arrays into one contiguous tensor (pinned when CUDA is present)."""
     t = torch.from_numpy(np.stack(arrays))
     return t.pin_memory() if torch.cuda.is_available() else t
+
+
+SUMMARY = "summary.json"
+
+
+def count_rows(out_dir: str | Path) -> dict:
+    """Rows, ok and failed (by reason) over all shards of ``out_dir``."""
+    table = read_shards(out_dir)
+    ok = table.column("ok").to_pylist() if table.num_rows else []
+    errors = table.column("error").to_pylist() if table.num_rows else []
+    failed = Counter(e for good, e in zip(ok, errors, strict=True) if not good)
+    return {"rows": len(ok), "ok": int(sum(ok)), "failed": int(sum(failed.values())),
+            "failed_by_reason": dict(sorted(failed.items()))}
+
+
+def read_summary(out_dir: str | Path) -> dict:
+    """The ``summary.json`` of a sharded stage's output (empty when there is none)."""
+    path = Path(out_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_summary(out_dir: str | Path, result: MapResult, *, model: dict | None, runtime: dict,
+                  config: dict, num_processes: int = 1) -> dict:
+    """Write the one summary format of every sharded stage and return it.
+
+    ``throughput`` is that of the last run that processed items: a rerun that only reused shards
+    keeps the previous figure rather than reporting none.
+    """
+    previous = read_summary(out_dir).get("throughput")
+    if result.items_processed:
+        throughput = {"items_per_second": result.items_per_second, "items": result.items_processed,
+                      "seconds": result.seconds,
+                      "scope": "main process" if num_processes > 1 else "all processes"}
+    else:
+        throughput = previous
+    summary = {
+        "model": model,
+        "uses_standin_model": bool(model and model.get("standin")),
+        "runtime": runtime,
+        "config": config,
+        "counts": count_rows(out_dir),
+        "throughput": throughput,
+        "this_run": {"items_processed": result.items_processed, "shards_reused": result.shards_reused,
+                     "num_shards": result.num_shards, "failures": dict(sorted(result.failures.items()))},
+    }
+    write_json(Path(out_dir) / SUMMARY, summary)
+    return summary

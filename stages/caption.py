@@ -1,27 +1,27 @@
 """Stage caption: a BLIP caption per FaceSynthetics face, batched and resumable (parquet shards).
 
-Reads ``data/raw/facesynthetics`` and ``data/models/blip``; writes ``data/interim/facesynthetics/captions/``
-(shards + ``summary.json``). ``caption.method: none`` writes empty captions without loading any model.
+Reads data/raw/facesynthetics and data/models/blip; writes data/interim/facesynthetics/captions/
+(shards + summary.json). caption.method: none writes empty captions without loading any model.
+Several GPUs: `accelerate launch -m stages.caption`.
 """
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import pyarrow as pa
-
-from pipelines.reports import ModelInfo, read_model_manifest, write_json
+from pipelines.captions import CAPTION_SCHEMA, BlipCaptioner, caption_batch_fn, load_caption_input
+from pipelines.reports import ModelInfo, read_model_manifest
 from pipelines.runtime import init_runtime
-from pipelines.shards import Failure, ShardedMap, read_shards, to_tensor_batch
-from pipelines.sources.facesynthetics import FaceSample, SampleError, list_samples, read_image
+from pipelines.shards import ShardedMap, write_summary
+from pipelines.sources.facesynthetics import list_samples
 from stages.config import ParamError, cli, load, positive, read_params
 
 RAW_DIR = Path("data/raw/facesynthetics")
 MODEL_DIR = Path("data/models/blip")
 OUT_DIR = Path("data/interim/facesynthetics/captions")
-SCHEMA = pa.schema([pa.field("text", pa.string())])
 log = logging.getLogger("stages.caption")
 
 
@@ -43,65 +43,36 @@ class CaptionConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the stage; returns the summary written to ``summary.json``."""
+    """Run the stage; returns the summary written to ``summary.json`` (empty on non-main processes)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = cli(__doc__, argv)
     base, cfg = load(CaptionConfig, "caption", read_params(args.params), args.profile)
     runtime = init_runtime(base.device, cfg.precision, base.seed)
     samples = list_samples(RAW_DIR)
 
     model_info: ModelInfo | None = None
-    captioner = None
+    captioner: BlipCaptioner | None = None
     if cfg.method == "blip":
-        from pipelines.captions import BlipCaptioner
-
         model_info = read_model_manifest(MODEL_DIR)
         captioner = BlipCaptioner.load(MODEL_DIR, runtime.device, runtime.precision)
-
-    def load_item(s: FaceSample) -> dict | Failure:
-        try:
-            image = read_image(s.image_path, size=base.image_size)
-        except SampleError as e:
-            return Failure(e.reason, e.detail)
-        return {"pixel_values": captioner.preprocess(image)} if captioner is not None else {}
-
-    def infer(batch: list[dict]) -> list[dict]:
-        if captioner is None:
-            return [{"text": ""} for _ in batch]
-        texts = captioner.caption(to_tensor_batch([b["pixel_values"] for b in batch]))
-        return [{"text": t} for t in texts]
-
-    config = {"method": cfg.method, "precision": runtime.precision,
-              "model": None if model_info is None else {"id": model_info.id, "revision": model_info.revision}}
-    result = ShardedMap(OUT_DIR, SCHEMA, cfg.shard_size).run(
-        samples, [s.id for s in samples], load_item, infer, config,
+    load_item = functools.partial(load_caption_input, image_size=base.image_size,
+                                  image_processor=captioner.processor.image_processor if captioner else None)
+    run_config = {"method": cfg.method, "precision": runtime.precision,
+                  "model": None if model_info is None else {"id": model_info.id, "revision": model_info.revision}}
+    result = ShardedMap(OUT_DIR, CAPTION_SCHEMA, cfg.shard_size).run(
+        samples, [s.id for s in samples], load_item, caption_batch_fn(captioner), run_config,
         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
         process_index=runtime.process_index, num_processes=runtime.num_processes,
         desc="caption", wait=runtime.wait_for_everyone)
-
-    summary: dict = {}
-    if runtime.is_main_process:
-        table = read_shards(OUT_DIR).to_pydict()
-        failed: dict[str, int] = {}
-        for ok, err in zip(table["ok"], table["error"], strict=True):
-            if not ok:
-                failed[err] = failed.get(err, 0) + 1
-        summary = {
-            "method": cfg.method,
-            "model": model_info.to_dict() if model_info is not None else None,
-            "uses_standin_model": bool(model_info.standin) if model_info is not None else False,
-            "runtime": runtime.describe(),
-            "batch_size": cfg.batch_size,
-            "rows": len(table["ok"]),
-            "rows_ok": sum(table["ok"]),
-            "rows_failed": failed,
-            "this_run": {"items_processed": result.items_processed, "items_per_second": result.items_per_second,
-                         "shards_reused": result.shards_reused, "num_shards": result.num_shards},
-        }
-        write_json(OUT_DIR / "summary.json", summary)
-        log.info("captions: %d ok, failed %s", summary["rows_ok"], failed)
+    if not runtime.is_main_process:
+        return {}
+    summary = write_summary(OUT_DIR, result, model=model_info.to_dict() if model_info else None,
+                            runtime=runtime.describe(), config=asdict(cfg), num_processes=runtime.num_processes)
+    c = summary["counts"]
+    log.info("caption: %d rows, %d ok, %d failed %s%s", c["rows"], c["ok"], c["failed"], c["failed_by_reason"],
+             " (STAND-IN BLIP: random weights, captions mean nothing)" if model_info and model_info.standin else "")
     return summary
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

@@ -12,7 +12,7 @@ import yaml
 
 from pipelines.faces.spiga import WEIGHTS_FILE, build_spiga_standin
 from pipelines.reports import ModelInfo, read_json, write_model_manifest
-from pipelines.shards import read_shards
+from pipelines.shards import SUMMARY, read_shards
 from pipelines.sources.facesynthetics import BOX_OFF_IMAGE
 from stages import annotate
 from stages.config import ParamError
@@ -92,7 +92,7 @@ def test_shards_and_summary(done, shared):
         assert not rows[sid]["ok"] and rows[sid]["error"] == reason and rows[sid]["landmarks"] is None
     assert rows[OFF_ID]["error"] == BOX_OFF_IMAGE
 
-    summary = read_json(out_dir(done) / annotate.SUMMARY)
+    summary = read_json(out_dir(done) / SUMMARY)
     expected_failed = {}
     for reason in [*shared["broken"].values(), BOX_OFF_IMAGE]:
         expected_failed[reason] = expected_failed.get(reason, 0) + 1
@@ -101,7 +101,7 @@ def test_shards_and_summary(done, shared):
     assert summary["model"]["id"] == WEIGHTS_FILE
     assert summary["runtime"]["device"] == "cpu" and summary["runtime"]["precision"] == "fp32"
     assert summary["this_run"]["items_processed"] == 8 and summary["this_run"]["shards_reused"] == 0
-    assert summary["this_run"]["num_shards"] == 4 and summary["this_run"]["items_per_second"] > 0
+    assert summary["this_run"]["num_shards"] == 4 and summary["throughput"]["items_per_second"] > 0
 
 
 def test_rerun_reuses_all_shards(tmp_path, shared, done, monkeypatch):
@@ -114,6 +114,7 @@ def test_rerun_reuses_all_shards(tmp_path, shared, done, monkeypatch):
     shutil.copytree(out_dir(done), out)
     summary = annotate.main([])
     assert summary["this_run"] == {**summary["this_run"], "items_processed": 0, "shards_reused": 4}
+    assert summary["throughput"] == read_json(out_dir(done) / SUMMARY)["throughput"]  # carried, not lost
     assert read_shards(out).equals(read_shards(out_dir(done)))
 
 
@@ -137,14 +138,14 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path, shared, done):
     proc.stderr.close()
     kept = sorted(p.name for p in out.glob("shard-*.parquet"))
     assert "shard-00000.parquet" in kept
-    assert not (out / annotate.SUMMARY).exists() or len(kept) == 4  # killed before the end (almost surely)
+    assert not (out / SUMMARY).exists() or len(kept) == 4  # killed before the end (almost surely)
 
     subprocess.run([sys.executable, "-m", "stages.annotate"], cwd=project, env=_env(), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert read_shards(out).equals(read_shards(out_dir(done)))
-    summary = read_json(out / annotate.SUMMARY)
+    summary = read_json(out / SUMMARY)
     assert summary["this_run"]["shards_reused"] == len(kept)
-    assert summary["counts"] == read_json(out_dir(done) / annotate.SUMMARY)["counts"]
+    assert summary["counts"] == read_json(out_dir(done) / SUMMARY)["counts"]
     assert not list(out.glob(".tmp-*"))
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipelines import facesynthetics_dataset as D
 from pipelines.faces.draw import draw_landmarks
 from pipelines.hfdata import read_card_metadata
 from pipelines.reports import ModelInfo, read_json
@@ -76,8 +77,8 @@ def workdir(tmp_path, monkeypatch, repo_root):
     write_table(annotations, ann_rows, ANN_SCHEMA)
     write_table(captions, cap_rows, CAP_SCHEMA)
     (annotations / "summary.json").write_text(json.dumps({"model": SPIGA.to_dict(), "runtime": {"device": "cpu"},
-                                                           "items_per_second": 12.5}))
-    (captions / "summary.json").write_text(json.dumps({"model": None, "items_per_second": None}))
+                                                           "throughput": {"items_per_second": 12.5}}))
+    (captions / "summary.json").write_text(json.dumps({"model": None, "throughput": None}))
     # a stale file from an earlier run must disappear
     (tmp_path / "data/datasets/facesynthetics_spiga/data").mkdir(parents=True)
     (tmp_path / "data/datasets/facesynthetics_spiga/data/train-00000-of-00009.parquet").write_bytes(b"old")
@@ -156,7 +157,7 @@ def test_join_reasons():
              {"id": "c", "ok": False, "error": "x"}, {"id": "d", "ok": True}], None)
     cap = t([{"id": "a", "ok": True}, {"id": "b", "ok": True}, {"id": "c", "ok": False, "error": "y"},
              {"id": "e", "ok": True}], None)
-    kept, skipped, ids = A.join(ann, cap)
+    kept, skipped, ids = D.join(ann, cap)
     assert kept == ["a"]
     assert skipped == {"box_off_image": 1, "x": 1, "missing_caption": 1, "missing_annotation": 1}
     assert ids == ["b", "c", "d", "e"]
@@ -164,10 +165,10 @@ def test_join_reasons():
 
 def test_split_is_deterministic():
     ids = [f"{i:06d}" for i in range(50)]
-    split = A.split_ids(ids, 5)
+    split = D.split_ids(ids, 5)
     val = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:5]
     assert sorted(i for i, s in split.items() if s == "validation") == sorted(val)
-    assert A.split_ids(list(reversed(ids)), 5) == split
+    assert D.split_ids(list(reversed(ids)), 5) == split
 
 
 def test_config_validation(repo_root):

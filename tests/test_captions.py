@@ -119,7 +119,7 @@ def test_stage_blip(tmp_path: Path, standin_dir: Path, captioner: BlipCaptioner,
     expected = captioner.caption(torch.from_numpy(np.stack([captioner.preprocess(im) for im in images])))
     assert [r["text"] for r in rows[:4]] == expected
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows_ok"] == 4 and summary["rows_failed"] == {"corrupt_image": 1}
+    assert summary["counts"] == {"rows": 5, "ok": 4, "failed": 1, "failed_by_reason": {"corrupt_image": 1}}
     assert summary["model"]["id"] == "standin/blip-tiny" and summary["uses_standin_model"] is True
     assert summary["runtime"]["device"] == "cpu" and summary["runtime"]["precision"] == "fp32"
     assert summary["this_run"]["items_processed"] == 5 and summary["this_run"]["shards_reused"] == 0
@@ -128,7 +128,7 @@ def test_stage_blip(tmp_path: Path, standin_dir: Path, captioner: BlipCaptioner,
     mtime = (out / "shard-00000.parquet").stat().st_mtime_ns
     again = caption.main([])
     assert again["this_run"]["shards_reused"] == 3 and again["this_run"]["items_processed"] == 0
-    assert again["rows_ok"] == 4 and (out / "shard-00000.parquet").stat().st_mtime_ns == mtime
+    assert again["counts"]["ok"] == 4 and (out / "shard-00000.parquet").stat().st_mtime_ns == mtime
 
 
 def test_stage_none_needs_no_model(tmp_path: Path, standin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +141,7 @@ def test_stage_none_needs_no_model(tmp_path: Path, standin_dir: Path, monkeypatc
     rows = read_shards(tmp_path / "data/interim/facesynthetics/captions").to_pylist()
     assert [r["text"] for r in rows] == [""] * 4 + [None]
     assert summary["model"] is None and summary["uses_standin_model"] is False
-    assert summary["rows_ok"] == 4 and summary["rows_failed"] == {"corrupt_image": 1}
+    assert summary["counts"] == {"rows": 5, "ok": 4, "failed": 1, "failed_by_reason": {"corrupt_image": 1}}
     assert pq.read_schema(tmp_path / "data/interim/facesynthetics/captions/shard-00000.parquet").field("text").type == "string"
 
 
@@ -161,3 +161,18 @@ def test_help_runs() -> None:
     with pytest.raises(SystemExit) as exc:
         caption.main(["--help"])
     assert exc.value.code == 0
+
+
+def test_worker_load_function_pickles(standin_dir: Path, captioner: BlipCaptioner, tmp_path: Path) -> None:
+    """DataLoader workers under the spawn start method (macOS, Windows) need a picklable load function."""
+    import functools
+    import pickle
+
+    from pipelines.captions import load_caption_input
+    from pipelines.sources.facesynthetics import sample_paths
+
+    Image.fromarray(_images(1)[0]).save(tmp_path / "000000.png")
+    fn = functools.partial(load_caption_input, image_size=512, image_processor=captioner.processor.image_processor)
+    clone = pickle.loads(pickle.dumps(fn))
+    sample = sample_paths(tmp_path, "000000")
+    assert np.array_equal(clone(sample)["pixel_values"], fn(sample)["pixel_values"])

@@ -57,6 +57,8 @@ def test_report_counts_skips_and_says_standin(sample_run):
     assert report["skipped"] == {"missing_image": 1, "corrupt_image": 1, "bad_landmarks": 1, "wrong_image_size": 1}
     assert report["uses_standin_models"] is True
     assert report["landmark_nme"]["count"] == 24
+    for stage in ("annotate", "caption", "assemble"):
+        assert report["throughput_images_per_s"][stage] > 0, stage
 
 
 def test_benchmark_written_with_ratios(sample_run):
