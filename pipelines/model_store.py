@@ -66,7 +66,13 @@ def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path)
     """Resolve ``revision`` to a commit, download that snapshot into ``dest``, write the manifest."""
     from huggingface_hub import HfApi, snapshot_download
 
-    commit = HfApi().model_info(repo_id, revision=revision).sha
+    from pipelines.sources.downloads import DownloadError
+
+    try:
+        commit = HfApi().model_info(repo_id, revision=revision).sha
+    except Exception as exc:  # offline, unknown repo or revision, gated, no network: say which model
+        raise DownloadError(f"{repo_id}@{revision}: cannot resolve the revision on the Hugging Face Hub "
+                            f"({type(exc).__name__}: {exc})") from exc
     dest = _fresh(Path(dest))
     snapshot_download(repo_id, revision=commit, local_dir=dest,
                       allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])

@@ -111,7 +111,9 @@ def init_runtime(device: str = "auto", precision: str = "auto", seed: int = 0, a
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate / torchrun
         from accelerate import PartialState
 
-        state = PartialState(cpu=device == "cpu")
+        # accelerate only forms a CPU process group (gloo) when told the run is on CPU
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        state = PartialState(cpu=on_cpu)
         process_index, num_processes, local_index = state.process_index, state.num_processes, state.local_process_index
     dev = resolve_device(device, local_index)
     prec = resolve_precision(precision, dev, auto=auto_precision)

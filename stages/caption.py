@@ -17,7 +17,7 @@ from pipelines.reports import ModelInfo, read_model_manifest
 from pipelines.runtime import init_runtime
 from pipelines.shards import ShardedMap, write_summary
 from pipelines.sources.facesynthetics import list_samples
-from stages.config import ParamError, cli, load, positive, read_params
+from stages.config import ParamError, cli, load, positive, read_params, run
 
 RAW_DIR = Path("data/raw/facesynthetics")
 MODEL_DIR = Path("data/models/blip")
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -154,3 +156,15 @@ def positive(prefix: str, **values: float) -> None:
     for k, v in values.items():
         if v is None or v <= 0:
             raise ParamError(f"{prefix}.{k}: must be > 0, got {v!r}")
+
+
+def run(main: Callable[[], object]) -> None:
+    """Run a stage's ``main`` from the command line: expected failures (a bad parameter, a missing input,
+    a failed download) print one clear line and exit 2 instead of a traceback."""
+    from pipelines.sources.downloads import DownloadError
+
+    try:
+        main()
+    except (ParamError, FileNotFoundError, DownloadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -159,3 +159,27 @@ def test_load_is_strict(tmp_path):
         S.SpigaAnnotator.load(tmp_path / "bad.pt", "cpu")
     with pytest.raises(FileNotFoundError):
         S.SpigaAnnotator.load(tmp_path / "missing.pt", "cpu")
+
+
+def test_euler_to_rotation_matches_released_and_is_a_rotation():
+    from spiga.models.gnn.pose_proj import euler_to_rotation_matrix
+
+    euler = torch.tensor([[0.0, 0.0, 0.0], [30.0, -12.0, 5.0], [-70.0, 25.0, -40.0]])
+    ours = S.euler_to_rotation(euler)
+    torch.testing.assert_close(ours, euler_to_rotation_matrix(euler.clone()), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours @ ours.transpose(1, 2), torch.eye(3).expand(3, 3, 3), rtol=0, atol=1e-6)
+    assert torch.equal(euler, torch.tensor([[0.0, 0.0, 0.0], [30.0, -12.0, 5.0], [-70.0, 25.0, -40.0]]))  # untouched
+
+
+def test_device_agnostic_model_equals_released_class(standin):
+    """Our SPIGA subclass (pose projection on the input's device) computes what the released class does."""
+    from spiga.models.spiga import SPIGA
+
+    released = SPIGA(num_landmarks=68, num_edges=13).eval()
+    released.load_state_dict(standin.model.state_dict())
+    crops = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    inputs = [crops, standin.model3d.expand(2, -1, -1), standin.cam_matrix.expand(2, -1, -1)]
+    with torch.inference_mode():
+        ours, ref = standin.model(inputs), released([t.clone() for t in inputs])
+    torch.testing.assert_close(ours["Pose"], ref["Pose"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours["Landmarks"][-1], ref["Landmarks"][-1], rtol=0, atol=1e-5)

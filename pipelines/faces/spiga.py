@@ -108,11 +108,63 @@ def model_3d(ftmap_size: int = FTMAP_SIZE, focal_ratio: float = FOCAL_RATIO) -> 
     return world, cam
 
 
-def new_model() -> SPIGA:
-    """The released SPIGA architecture for 300W-public (68 landmarks, 13 edges), random init."""
+def euler_to_rotation(euler: torch.Tensor) -> torch.Tensor:
+    """SPIGA's ``pose_proj.euler_to_rotation_matrix`` (same maths, same convention), allocated on the
+    input's device in float32, without modifying its input. The released one puts new tensors on the
+    input's device only for CUDA, so it fails on MPS."""
+    import torch
+
+    e = euler.float()
+    yaw, pitch, roll = -(e[:, 0] - 90), -e[:, 1], -(e[:, 2] + 90)
+    rad = torch.stack([yaw, pitch, roll], dim=1) * (torch.pi / 180.0)
+    cy, sy = torch.cos(rad[:, 0]), torch.sin(rad[:, 0])
+    cp, sp = torch.cos(rad[:, 1]), torch.sin(rad[:, 1])
+    cr, sr = torch.cos(rad[:, 2]), torch.sin(rad[:, 2])
+    zero, one = torch.zeros_like(cy), torch.ones_like(cy)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], dim=1).view(-1, 3, 3)
+    rp = torch.stack([cp, -sp, zero, sp, cp, zero, zero, zero, one], dim=1).view(-1, 3, 3)
+    rr = torch.stack([one, zero, zero, zero, cr, -sr, zero, sr, cr], dim=1).view(-1, 3, 3)
+    return ry @ rp @ rr
+
+
+def project_points(pts: torch.Tensor, rot: torch.Tensor, trl: torch.Tensor, cam_matrix: torch.Tensor) -> torch.Tensor:
+    """SPIGA's ``pose_proj.projectPoints`` (pinhole projection of (B, N, 3) points), on any device."""
+    import torch
+
+    proj = cam_matrix.float() @ torch.cat((rot, trl.float().unsqueeze(2)), 2)
+    hom = torch.cat((pts.float(), torch.ones_like(pts[:, :, :1], dtype=torch.float32)), 2)
+    out = (proj @ hom.transpose(1, 2)).transpose(1, 2)
+    return out[:, :, :2] / out[:, :, 2:3]
+
+
+@functools.cache
+def _spiga_class() -> type:
     from spiga.models.spiga import SPIGA
 
-    return SPIGA(num_landmarks=NUM_LANDMARKS, num_edges=NUM_EDGES)
+    class DeviceAgnosticSPIGA(SPIGA):
+        """The released SPIGA with its pose projection allocated on the input's device (CPU, CUDA, MPS).
+
+        Same parameters and state-dict keys as ``SPIGA``; the backbone step mirrors ``SPIGA.backbone_forward``.
+        """
+
+        def backbone_forward(self, data):
+            imgs, model3d, cam_matrix = data
+            features = self.visual_cnn(imgs)
+            pose_raw = features["HGcore"][-1]
+            b, c, _, _ = pose_raw.shape
+            pose = self.pose_fc(pose_raw.reshape(b, c))
+            features["Pose"] = pose.clone()
+            rot = euler_to_rotation(pose[:, 0:3])
+            pts_proj = project_points(model3d, rot, pose[:, 3:], cam_matrix) / self.visual_res
+            return pts_proj, features
+
+    return DeviceAgnosticSPIGA
+
+
+def new_model() -> SPIGA:
+    """The released SPIGA architecture for 300W-public (68 landmarks, 13 edges), random init, made
+    device-agnostic (see :func:`euler_to_rotation`)."""
+    return _spiga_class()(num_landmarks=NUM_LANDMARKS, num_edges=NUM_EDGES)
 
 
 class SpigaAnnotator:

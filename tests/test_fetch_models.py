@@ -1,0 +1,46 @@
+"""fetch_models: stand-ins built like real checkpoints and loaded by the real loaders; real sources fail clearly offline."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.captions import BlipCaptioner
+from pipelines.faces.spiga import SpigaAnnotator
+from pipelines.model_store import fetch_hub_snapshot, make_standin, tree_digest
+from pipelines.reports import read_model_manifest
+from pipelines.sources.downloads import DownloadError
+
+
+def test_sample_profile_builds_loadable_standins(tmp_path: Path, repo_root: Path, monkeypatch) -> None:
+    from stages import fetch_models
+
+    shutil.copy(repo_root / "params.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    fetch_models.main([])
+    spiga, blip = read_model_manifest("data/models/spiga"), read_model_manifest("data/models/blip")
+    assert spiga.standin and blip.standin and spiga.id == "spiga_300wpublic.pt"
+    assert spiga.revision == tree_digest("data/models/spiga")  # the manifest pins the bytes
+    SpigaAnnotator.load(Path("data/models/spiga") / spiga.id, "cpu")
+    BlipCaptioner.load("data/models/blip", "cpu")
+
+
+def test_standins_are_reproducible(tmp_path: Path) -> None:
+    a, b = make_standin("blip", tmp_path / "a", seed=0), make_standin("blip", tmp_path / "b", seed=0)
+    assert a.revision == b.revision
+    assert make_standin("blip", tmp_path / "c", seed=1).revision != a.revision
+
+
+def test_hub_source_offline_names_the_model(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="Salesforce/blip-image-captioning-large@main"):
+        fetch_hub_snapshot("blip", "Salesforce/blip-image-captioning-large", "main", tmp_path / "blip")
+    assert not (tmp_path / "blip").exists()  # nothing half-written
+
+
+def test_spiga_from_the_hub_is_rejected(tmp_path: Path, repo_root: Path) -> None:
+    from stages import config as C
+    from stages.fetch_models import FetchModelsConfig
+
+    params = C.read_params(repo_root / "params.yaml")
+    params["fetch_models"]["real"]["spiga"] = {"source": "hub", "id": "x/y", "revision": "main"}
+    with pytest.raises(C.ParamError, match="fetch_models.spiga.source"):
+        C.load(FetchModelsConfig, "fetch_models", params, "real")

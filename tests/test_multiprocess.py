@@ -1,0 +1,35 @@
+"""Two processes (torchrun, CPU/gloo) split a sharded stage: every shard made once, one summary."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.model_store import make_standin
+from pipelines.reports import read_json
+from pipelines.shards import SUMMARY, read_shards
+from pipelines.sources.sample_faces import write_sample
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_processes_split_the_shards(tmp_path: Path, repo_root: Path) -> None:
+    write_sample(tmp_path / "data/raw/facesynthetics", num_faces=10, num_broken=2, seed=3)
+    make_standin("blip", tmp_path / "data/models/blip")
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")  # sample profile: shard_size 8
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    proc = subprocess.run([*torchrun, "-m", "stages.caption"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "data/interim/facesynthetics/captions"
+    table = read_shards(out)
+    assert table.column("id").to_pylist() == [f"{i:06d}" for i in range(12)]  # 2 shards of 8 and 4 rows, no duplicate
+    summary = read_json(out / SUMMARY)
+    assert summary["counts"]["rows"] == 12 and summary["counts"]["ok"] == 10
+    # the main process did shard 0 (8 items); process 1 did shard 1 (4 items)
+    assert summary["this_run"]["items_processed"] == 8 and summary["throughput"]["scope"] == "main process"
+    assert summary["runtime"]["num_processes"] == 2
+    assert proc.stderr.count("INFO stages.caption: caption:") == 1  # the summary is written once
