@@ -62,7 +62,11 @@ def fetch_weights_file(role: str, url: str, file_name: str, dest: str | Path, ca
     return info
 
 
-def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path) -> ModelInfo:
+DEFAULT_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
+
+
+def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path,
+                       allow_patterns: list[str] | None = None) -> ModelInfo:
     """Resolve ``revision`` to a commit, download that snapshot into ``dest``, write the manifest."""
     from huggingface_hub import HfApi, snapshot_download
 
@@ -75,7 +79,7 @@ def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path)
                             f"({type(exc).__name__}: {exc})") from exc
     dest = _fresh(Path(dest))
     snapshot_download(repo_id, revision=commit, local_dir=dest,
-                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+                      allow_patterns=allow_patterns or DEFAULT_HUB_PATTERNS)
     shutil.rmtree(dest / ".cache", ignore_errors=True)
     info = ModelInfo(name=role, id=repo_id, revision=commit, source=f"https://huggingface.co/{repo_id}", standin=False)
     write_model_manifest(dest, info)

@@ -1,15 +1,19 @@
-"""Stage fetch_models: SPIGA and BLIP weights into data/models/<role>/, each with a manifest.
+"""Stage fetch_models: model weights into data/models/<role>/, each with a manifest (id, revision, real or stand-in).
 
+Every key of the params section is a model role (spiga, blip, sd_base, controlnet, inception, clip, ...).
 sample profile: stand-ins (real architectures, random weights) built by code, no network.
-real profile: SPIGA 300W-public from its official URL, BLIP from the Hugging Face Hub (pinned commit).
+real profile: weights files from their official URL (resumable, SHA-256 recorded), Hub repos pinned to the
+commit their revision resolves to. `--section` picks the params section (dvc.yaml runs one stage per group).
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pipelines.model_store import fetch_hub_snapshot, fetch_weights_file, make_standin
+from pipelines.standins import BUILDERS
 from stages import config as C
 
 MODELS_DIR = Path("data/models")
@@ -25,6 +29,7 @@ class ModelSource:
     url: str | None = None
     revision: str | None = None
     sha256: str | None = None
+    allow_patterns: list[str] | None = None  # hub: the files to fetch (default: configs, tokenizers, safetensors)
 
     def validate(self, prefix: str) -> None:
         if self.source == "url" and not (self.url and self.id):
@@ -33,33 +38,52 @@ class ModelSource:
             raise C.ParamError(f"{prefix}: source 'hub' needs 'id' (repo id) and 'revision'")
 
 
-@dataclass(frozen=True)
-class FetchModelsConfig:
-    spiga: ModelSource
-    blip: ModelSource
-
-    def validate(self, prefix: str) -> None:
-        if self.spiga.source == "hub":
-            raise C.ParamError(f"{prefix}.spiga.source: SPIGA weights are not on the Hub; use 'url' or 'standin'")
+def parse_models(section: dict, name: str) -> dict[str, ModelSource]:
+    """role -> ModelSource for every key of the merged section; stand-ins must exist for the role."""
+    if not section:
+        raise C.ParamError(f"{name}: no models listed")
+    models = {}
+    for role, values in section.items():
+        if not isinstance(values, dict):
+            raise C.ParamError(f"{name}.{role}: expected a mapping with 'source', got {values!r}")
+        src = C.parse(ModelSource, values, f"{name}.{role}")
+        if src.source == "standin" and role not in BUILDERS:
+            raise C.ParamError(f"{name}.{role}.source: no stand-in exists for role {role!r}; known: {', '.join(BUILDERS)}")
+        if role == "spiga" and src.source == "hub":
+            raise C.ParamError(f"{name}.spiga.source: SPIGA weights are not on the Hub; use 'url' or 'standin'")
+        models[role] = src
+    return models
 
 
 def fetch(role: str, src: ModelSource, seed: int) -> str:
+    """Put model ``role`` into data/models/<role>/ and return a one-line description."""
     dest = MODELS_DIR / role
     if src.source == "standin":
         info = make_standin(role, dest, seed)
     elif src.source == "url":
         info = fetch_weights_file(role, src.url, src.id, dest, CACHE_DIR, sha256=src.sha256)
     else:
-        info = fetch_hub_snapshot(role, src.id, src.revision, dest)
+        info = fetch_hub_snapshot(role, src.id, src.revision, dest, allow_patterns=src.allow_patterns)
     kind = "STAND-IN (random weights)" if info.standin else "real"
     return f"{role}: {info.id} @ {info.revision[:12]} [{kind}]"
 
 
+def load_config(params: dict, section: str, profile: str | None = None) -> tuple[C.Base, dict[str, ModelSource]]:
+    """Parse ``base`` and the models of ``section`` for ``profile`` (default: base.profile)."""
+    base_values = dict(params["base"]) | ({"profile": profile} if profile else {})
+    base = C.parse(C.Base, base_values, "base")
+    return base, parse_models(C.section(params, section, base.profile), section)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = C.cli(__doc__, argv)
-    base, cfg = C.load(FetchModelsConfig, "fetch_models", C.read_params(args.params), args.profile)
-    for role in ("spiga", "blip"):
-        print(fetch(role, getattr(cfg, role), base.seed))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=C.PARAMS_FILE, help="params file (default: %(default)s)")
+    parser.add_argument("--profile", choices=C.PROFILES, default=None, help="override base.profile for this run")
+    parser.add_argument("--section", default="fetch_models", help="params section listing the models (default: %(default)s)")
+    args = parser.parse_args(argv)
+    base, models = load_config(C.read_params(args.params), args.section, args.profile)
+    for role, src in models.items():
+        print(fetch(role, src, base.seed))
 
 
 if __name__ == "__main__":

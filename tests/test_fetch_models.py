@@ -38,9 +38,19 @@ def test_hub_source_offline_names_the_model(tmp_path: Path) -> None:
 
 def test_spiga_from_the_hub_is_rejected(tmp_path: Path, repo_root: Path) -> None:
     from stages import config as C
-    from stages.fetch_models import FetchModelsConfig
+    from stages.fetch_models import load_config
 
     params = C.read_params(repo_root / "params.yaml")
     params["fetch_models"]["real"]["spiga"] = {"source": "hub", "id": "x/y", "revision": "main"}
     with pytest.raises(C.ParamError, match="fetch_models.spiga.source"):
-        C.load(FetchModelsConfig, "fetch_models", params, "real")
+        load_config(params, "fetch_models", "real")
+
+
+def test_unknown_standin_role_is_rejected(repo_root: Path) -> None:
+    from stages import config as C
+    from stages.fetch_models import load_config
+
+    params = C.read_params(repo_root / "params.yaml")
+    params["fetch_models"]["sample"]["gpt"] = {"source": "standin"}
+    with pytest.raises(C.ParamError, match="fetch_models.gpt.source: no stand-in exists"):
+        load_config(params, "fetch_models", "sample")
