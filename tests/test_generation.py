@@ -1,0 +1,221 @@
+"""Generation: tiny stand-ins load through the real loader; fixed seeds, batch invariance, the grid, the stage."""
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from pipelines import generation as G
+from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
+from pipelines.model_store import make_standin
+from pipelines.reports import read_json
+from stages import generate as S
+from stages.config import ParamError, load
+
+RES, STEPS, CFG = 64, 2, 7.5
+
+
+def condition(k: int, size: int = 128) -> Image.Image:
+    """A landmark-like drawing: coloured lines on black, different per k."""
+    img = Image.new("RGB", (size, size))
+    d = ImageDraw.Draw(img)
+    d.line([(10 + 9 * k, 20), (size - 20, size - 10 - 7 * k)], fill=(0, 255, 0), width=4)
+    d.ellipse([30, 30 + 5 * k, 60, 50 + 5 * k], fill=(255, 0, 255))
+    return img
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return G.build_sd_standin(root / "sd_base", seed=0), G.build_controlnet_standin(root / "controlnet", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(standins):
+    return G.load_controlnet_pipeline(*standins, scheduler="unipc", device="cpu", precision="fp32")
+
+
+def gen(pipe, conds, prompts, seeds):
+    return G.generate_images(pipe, conds, prompts, seeds, RES, STEPS, CFG, 1.0, "")
+
+
+def test_standins_have_the_real_layout_and_load(standins, pipe):
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel, UniPCMultistepScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    sd, cn = standins
+    for sub in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                "tokenizer/vocab.json", "scheduler/scheduler_config.json"):
+        assert (sd / sub).is_file(), sub
+    assert (cn / "config.json").is_file() and (cn / "diffusion_pytorch_model.safetensors").is_file()
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.controlnet, ControlNetModel)
+    assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer) and isinstance(pipe.scheduler, UniPCMultistepScheduler)
+    assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size * 2 == RES
+    assert json.loads((sd / "scheduler/scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
+
+
+def test_controlnet_standin_bytes_are_reproducible(tmp_path):
+    a, b = G.build_controlnet_standin(tmp_path / "a", 0), G.build_controlnet_standin(tmp_path / "b", 0)
+    c = G.build_controlnet_standin(tmp_path / "c", 1)
+    w = "diffusion_pytorch_model.safetensors"
+    assert (a / w).read_bytes() == (b / w).read_bytes() != (c / w).read_bytes()
+
+
+def test_fixed_seeds_and_batch_invariance(pipe):
+    conds, prompts, seeds = [condition(k) for k in range(3)], ["a face", "a man smiling", "x"], [11, 12, 13]
+    batch = gen(pipe, conds, prompts, seeds)
+    assert len(batch) == 3 and all(im.size == (RES, RES) and im.mode == "RGB" for im in batch)
+    singles = [gen(pipe, [c], [p], [s])[0] for c, p, s in zip(conds, prompts, seeds, strict=True)]
+    for b, s in zip(batch, singles, strict=True):  # each image depends on its own seed only
+        diff = np.abs(pixels(b) - pixels(s))
+        assert diff.max() <= 1 and diff.mean() < 0.05
+    again = gen(pipe, conds[:1], prompts[:1], [11])[0]
+    assert np.array_equal(pixels(again), pixels(singles[0]))  # same seed: identical pixels
+    other_seed = gen(pipe, conds[:1], prompts[:1], [99])[0]
+    other_cond = gen(pipe, conds[1:2], prompts[:1], [11])[0]
+    assert np.abs(pixels(other_seed) - pixels(singles[0])).mean() > 1.0
+    assert not np.array_equal(pixels(other_cond), pixels(singles[0]))  # the ControlNet sees the condition
+    with pytest.raises(ValueError, match="one of each"):
+        gen(pipe, conds, prompts[:2], seeds)
+
+
+def test_scheduler_names_map_to_classes(tmp_path):
+    expected = {"unipc": "UniPCMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                "dpm": "DPMSolverMultistepScheduler"}
+    from diffusers import PNDMScheduler
+
+    config = PNDMScheduler(**G.SD_SCHEDULER).config
+    for name, cls in expected.items():
+        sched = G.make_scheduler(name, config)
+        assert type(sched).__name__ == cls and sched.config.beta_schedule == "scaled_linear"
+    with pytest.raises(ValueError, match="'plms' is not one of"):
+        G.make_scheduler("plms", config)
+    with pytest.raises(ValueError, match="'plms' is not one of"):
+        G.load_controlnet_pipeline(tmp_path, tmp_path, "plms")
+
+
+def test_upcast_vae_decode_takes_half_latents():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = G.upcast_vae_decode(AutoencoderKL(**G.TINY_VAE).to(torch.bfloat16))
+    assert vae.dtype == torch.float32
+    out = vae.decode(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), return_dict=False)[0]
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16)
+
+
+def test_sample_grid_layout():
+    solid = lambda c: Image.new("RGB", (40, 30), c)  # noqa: E731 - any input size is resized to the cell
+    conds, gens = [solid("red"), solid("lime")], [solid("blue"), solid("white")]
+    grid = G.sample_grid(conds, gens, n=2, cell=10)
+    assert grid.size == (20, 20)
+    assert grid.getpixel((5, 5)) == (255, 0, 0) and grid.getpixel((15, 5)) == (0, 0, 255)
+    assert grid.getpixel((5, 15)) == (0, 255, 0) and grid.getpixel((15, 15)) == (255, 255, 255)
+    assert G.sample_grid(conds, gens, n=5, cell=10).size == (20, 20)  # only as many rows as pairs
+    assert G.sample_grid(conds, gens, n=1, cell=8).size == (16, 8)
+    with pytest.raises(ValueError):
+        G.sample_grid([], [], n=2, cell=8)
+
+
+def test_seed_for_known_answers():
+    assert G.seed_for("000000", 0) == 1397146690
+    assert G.seed_for("000001", 0) == 1703261752
+    assert G.seed_for("000000", 1) == 94549754
+    assert 0 <= G.seed_for("anything", 123) < 2**31
+
+
+# --- the stage -------------------------------------------------------------------------------------------
+
+VAL_IDS = ["000007", "000003", "000005"]  # unsorted on purpose
+
+
+def write_dataset(out):
+    features = facesynthetics_features()
+    small = np.zeros((8, 8, 3), np.uint8)
+
+    def row(sid, k):
+        return {"id": sid, "image": small, "conditioning_image": condition(k), "text": f"a rendered face {k}",
+                "landmarks": np.zeros((68, 2), np.float32), "headpose": [0.0] * 6, "face_box": [0.0, 0, 1, 1],
+                "source_landmarks": np.zeros((70, 2), np.float32), "segmentation": np.zeros((8, 8), np.uint8)}
+
+    with ParquetShardWriter(out, "validation", features) as w:
+        for k, sid in enumerate(VAL_IDS):
+            w.write(row(sid, k))
+    with ParquetShardWriter(out, "train", features) as w:
+        w.write(row("000001", 9))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, repo_root):
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["base"].update(profile="sample", device="cpu")
+    params["generate"]["sample"].update(max_images=2)
+    params["generate"]["grid_size"] = 3  # one grid row beyond max_images: generated for the grid only
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_dataset(tmp_path / S.DATASET_DIR)
+    make_standin("sd_base", tmp_path / S.SD_DIR)
+    make_standin("controlnet", tmp_path / S.CONTROLNET_DIR)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, params
+
+
+def test_stage_end_to_end(workdir, pipe):
+    root, params = workdir
+    name = params["generate"]["model_name"]
+    out = root / "data/generated" / name
+    (out / "images").mkdir(parents=True)
+    (out / "images/stale.png").write_bytes(b"old")  # emptied first
+    summary = S.main([])
+
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000003.png", "000005.png"]
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [m["id"] for m in meta] == ["000003", "000005"]
+    assert meta[0] == {"file_name": "images/000003.png", "id": "000003", "prompt": "a rendered face 1",
+                       "seed": G.seed_for("000003", 0)}
+    first = Image.open(out / "images/000003.png")
+    assert first.size == (RES, RES)
+    # the stage's image is the one generate_images makes from that condition, prompt and seed
+    expected = gen(pipe, [condition(1)], ["a rendered face 1"], [G.seed_for("000003", 0)])[0]
+    assert np.abs(pixels(first) - pixels(expected)).max() <= 1
+
+    saved = read_json(out / "summary.json")
+    assert saved["count"] == summary["count"] == 2 and saved["uses_standin_models"] is True
+    assert saved["models"]["sd_base"]["standin"] and saved["models"]["controlnet"]["standin"]
+    assert saved["images_per_second"] > 0 and saved["params"]["scheduler"] == "unipc" and "STAND-IN" in saved["note"]
+    assert saved["runtime"]["device"] == "cpu" and saved["runtime"]["precision"] == "fp32"
+
+    grid = Image.open(root / "reports/plots/samples" / f"{name}.png")
+    assert grid.size == (2 * RES, 3 * RES)
+    assert np.array_equal(np.asarray(grid)[:RES, RES:], np.asarray(first.convert("RGB")))  # row 0 = 000003
+
+    bench = read_json(root / "reports/bench/generate.json")
+    assert bench["images"] == 2 and bench["batch_4"]["batch_size"] == 4 and bench["batch_1"]["images_per_second"] > 0
+    assert bench["uses_standin_models"] is True and bench["device"] == "cpu" and "STAND-IN" in bench["note"]
+
+
+@pytest.mark.parametrize("key,value", [("scheduler", "plms"), ("batch_size", 0), ("resolution", 60),
+                                       ("model_name", "../x"), ("max_images", 0), ("precision", "fp8")])
+def test_bad_params_are_named(repo_root, key, value):
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    target = params["generate"]["sample"] if key in params["generate"]["sample"] else params["generate"]
+    target[key] = value
+    with pytest.raises(ParamError, match=f"generate.{key}"):
+        load(S.GenerateConfig, "generate", params, "sample")
+
+
+def test_repo_params_parse_for_both_profiles(repo_root):
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    for profile in ("sample", "real"):
+        _, cfg = load(S.GenerateConfig, "generate", params, profile)
+        assert cfg.scheduler == "unipc"
+    assert load(S.GenerateConfig, "generate", params, "real")[1].resolution == 512
