@@ -31,7 +31,7 @@ real: $(BIN)/.installed  ## the real configuration: official data and weights (n
 	$(BIN)/dvc exp run --set-param base.profile=real
 
 test: $(BIN)/.installed  ## run the tests
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 lint: $(BIN)/.installed  ## ruff
 	$(BIN)/ruff check pipelines stages tests

@@ -8,15 +8,25 @@ import yaml
 
 from stages import config as C
 
-# stage section -> (module, config class; None: a model list read by stages.fetch_models). Every stage of dvc.yaml.
+# dvc stage -> (module, config class or None for a model list read by stages.fetch_models, params section)
 STAGES = {
-    "fetch_facesynthetics": ("stages.fetch_facesynthetics", "FetchConfig"),
-    "fetch_models": ("stages.fetch_models", None),
-    "annotate": ("stages.annotate", "AnnotateConfig"),
-    "caption": ("stages.caption", "CaptionConfig"),
-    "assemble": ("stages.assemble", "AssembleConfig"),
-    "bench_facesynthetics": ("stages.bench_facesynthetics", "BenchConfig"),
+    "fetch_facesynthetics": ("stages.fetch_facesynthetics", "FetchConfig", "fetch_facesynthetics"),
+    "fetch_models": ("stages.fetch_models", None, "fetch_models"),
+    "annotate": ("stages.annotate", "AnnotateConfig", "annotate"),
+    "caption": ("stages.caption", "CaptionConfig", "caption"),
+    "assemble": ("stages.assemble", "AssembleConfig", "assemble"),
+    "bench_facesynthetics": ("stages.bench_facesynthetics", "BenchConfig", "bench_facesynthetics"),
+    "fetch_generation_models": ("stages.fetch_models", None, "fetch_generation_models"),
+    "generate": ("stages.generate", "GenerateConfig", "generate"),
+    "reference_stats": ("stages.reference_stats", "ReferenceStatsConfig", "reference_stats"),
+    "evaluate": ("stages.evaluate", "EvaluateConfig", "evaluate"),
+    "fetch_coco_annotations": ("stages.fetch_coco", "FetchCocoConfig", "fetch_coco"),
+    "select_coco": ("stages.select_coco", "SelectCocoConfig", "select_coco"),
+    "fetch_coco_images": ("stages.fetch_coco", "FetchCocoConfig", "fetch_coco"),
+    "assemble_coco": ("stages.assemble_coco", "AssembleCocoConfig", "assemble_coco"),
+    "bench_coco_select": ("stages.bench_coco_select", "BenchCocoConfig", "bench_coco_select"),
 }
+SECTIONS = sorted({section for _, _, section in STAGES.values()})
 
 
 @dataclass(frozen=True)
@@ -61,11 +71,12 @@ def test_dvc_stages_and_params_sections_match(repo_root):
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
     params = C.read_params(repo_root / "params.yaml")
     assert set(dvc) == set(STAGES)
-    assert set(params) == {"base", *STAGES}
+    assert set(params) == {"base", *SECTIONS}
     for name, stage in dvc.items():
-        module = STAGES[name][0]
-        assert f"-m {module}" in stage["cmd"] and (module != "stages.fetch_models" or f"--section {name}" in stage["cmd"]
-                                                   or name == "fetch_models"), name
+        module, _, section = STAGES[name]
+        assert f"-m {module}" in stage["cmd"], name
+        assert module != "stages.fetch_models" or f"--section {section}" in stage["cmd"], name
+        assert section in stage.get("params", []), f"{name} does not depend on its params section {section}"
         for dep in stage.get("deps", []):
             if not dep.startswith("data/"):
                 assert (repo_root / dep).exists(), f"{name}: dep {dep} does not exist"
@@ -75,12 +86,12 @@ def test_dvc_stages_and_params_sections_match(repo_root):
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_stage_config_is_complete_and_valid(repo_root, stage, profile):
     """The real configuration cannot run here, but it must parse and validate like the sample one."""
-    module, cls_name = STAGES[stage]
+    module, cls_name, section = STAGES[stage]
     params = C.read_params(repo_root / "params.yaml")
     if cls_name is None:
-        base, cfg = importlib.import_module(module).load_config(params, stage, profile)
+        base, cfg = importlib.import_module(module).load_config(params, section, profile)
     else:
-        base, cfg = C.load(getattr(importlib.import_module(module), cls_name), stage, params, profile)
+        base, cfg = C.load(getattr(importlib.import_module(module), cls_name), section, params, profile)
     assert base.profile == profile
     assert cfg is not None
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,10 @@ def sample_run(tmp_path_factory, ):
     repo = Path(__file__).resolve().parents[1]
     work = tmp_path_factory.mktemp("dag") / "repo"
     shutil.copytree(repo, work, ignore=COPY_IGNORE)
+    # The COCO selection benchmark runs at train2017's size by default (~90 s); its own test covers it.
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["bench_coco_select"].update(num_images=500, num_persons=1100)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(work), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -77,3 +82,27 @@ def test_second_repro_does_nothing_and_metrics_show(sample_run):
     assert "up to date" in out
     shown = sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], work, env)
     assert "facesynthetics_spiga.json" in shown
+
+
+def test_generation_and_metrics_report(sample_run):
+    work, _, _ = sample_run
+    report = json.loads((work / "reports/metrics/uncannyfaces_25K.json").read_text())
+    assert report["num_images"] == 4 and report["uses_standin_models"] is True
+    assert report["fid"]["implementation"].startswith("clean-fid") and report["fid"]["mode"] == "clean"
+    ref = json.loads((work / "data/metrics/reference/facesynthetics_spiga_validation.json").read_text())
+    assert report["fid"]["reference_sha256"] == ref["sha256"]
+    assert report["kid"]["value"] is not None and report["inception_score"]["mean"] >= 1.0 - 1e-6
+    assert report["control"]["count"] == 4 and report["control"]["landmark_nme"]["count"] == 4
+    for role in ("sd_base", "controlnet", "inception", "clip", "spiga"):
+        assert report["models"][role]["standin"] is True, role
+    assert (work / "reports/plots/samples/uncannyfaces_25K.png").is_file()
+
+
+def test_coco_humans_dataset(sample_run):
+    import datasets
+
+    work, _, _ = sample_run
+    ds = datasets.load_dataset(str(work / "data/datasets/coco_humans"))
+    assert set(ds) == {"train", "validation"} and ds["train"].num_rows == 3 and ds["validation"].num_rows == 2
+    report = json.loads((work / "reports/datasets/coco_humans.json").read_text())
+    assert report["rows"]["train"] == 3
