@@ -24,6 +24,7 @@ from stages.reference_stats import ReferenceStatsConfig, output_paths
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 MODELS = Path("data/models")
+BENCH_FILE = Path("reports/bench/evaluate.json")
 log = logging.getLogger("stages.evaluate")
 
 
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     if report["uses_standin_models"]:
         report["note"] = "STAND-IN models were used: these numbers check the pipeline and mean nothing"
     path = write_json(Path("reports/metrics") / f"{gen.model_name}.json", report)
+    write_json(BENCH_FILE, {"model_name": gen.model_name, "num_images": report["num_images"],
+                            "images_per_second": report["throughput"], "device": str(runtime.device),
+                            "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+                            "uses_standin_models": report["uses_standin_models"],
+                            "note": "per metric family: Inception features + IS logits, CLIP score, control fidelity "
+                                    "(SPIGA + face detector); wall time over the generated set"})
     c = report["control"]
     log.info("evaluate %s: FID %.3f, KID %.5f, IS %.3f, CLIP %.2f, landmark NME %s, face found %s -> %s%s",
              gen.model_name, report["fid"]["value"], report["kid"]["value"], report["inception_score"]["mean"],
