@@ -407,3 +407,25 @@ def assemble_coco_humans(selection: dict, coco_root: Any, images_dir: Any, out_d
                source_datasets=["detection-datasets/coco"], task_categories=["text-to-image"],
                tags=["coco", "humans", "segmentation-masks", "faces"], body_markdown=_card_body(report))
     return report
+
+
+def measure_selection(path: str, rule: dict) -> dict:
+    """Load ``path`` with pycocotools and apply the rule: wall times and this process's peak RSS.
+
+    Run it in a fresh process (the peak RSS is the process's own, since its start).
+    """
+    import resource
+    import time
+
+    from pipelines.sources.coco import load_coco
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    coco = load_coco(path)
+    t1 = time.perf_counter()
+    result = select_images(coco, SelectionRule(**rule))
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"load_seconds": t1 - t0, "select_seconds": t2 - t1, "total_seconds": t2 - t0,
+            "peak_rss_mib": peak / 1024, "rss_before_mib": base / 1024, "kept": result["kept"],
+            "removed": result["removed"]}

@@ -130,3 +130,9 @@ def inference_mode() -> Iterator[None]:
     """``torch.inference_mode`` as a plain context manager."""
     with torch.inference_mode():
         yield
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA) so wall-clock timings are true; a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

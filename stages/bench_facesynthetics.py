@@ -22,7 +22,7 @@ from pipelines.faces.boxes import face_box_from_landmarks
 from pipelines.faces.draw import draw_landmarks, draw_landmarks_matplotlib
 from pipelines.faces.spiga import SpigaAnnotator, original_inference
 from pipelines.reports import provenance, read_model_manifest, write_json
-from pipelines.runtime import init_runtime, resolve_precision
+from pipelines.runtime import init_runtime, resolve_precision, synchronize
 from pipelines.sources.facesynthetics import SampleError, list_samples, read_image, read_landmarks
 from stages import config as C
 from stages.annotate import AnnotateConfig
@@ -42,11 +42,6 @@ class BenchConfig:
         C.positive(prefix, num_images=self.num_images, rounds=self.rounds)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _compare(ours: Callable[[], None], original: Callable[[], None], n: int, rounds: int,
              device: torch.device, batch_size: int) -> dict:
     """Images/s of both paths (each processes the same ``n`` images): one untimed warm-up each, then
@@ -56,10 +51,10 @@ def _compare(ours: Callable[[], None], original: Callable[[], None], n: int, rou
         fn()
     for _ in range(rounds):
         for name, fn in (("ours", ours), ("original", original)):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             rates[name].append(n / (time.perf_counter() - start))
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {"ours_images_per_s": med["ours"], "original_images_per_s": med["original"],

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -33,7 +32,7 @@ from pipelines.generation import (
     seed_for,
 )
 from pipelines.reports import provenance, read_model_manifest, write_json
-from pipelines.runtime import Runtime, init_runtime
+from pipelines.runtime import Runtime, init_runtime, synchronize
 from pipelines.standins import STANDIN_NOTE
 from stages.config import ParamError, cli, load, positive, read_params, run
 
@@ -80,11 +79,6 @@ class GenerateConfig:
                 raise ParamError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)!r}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _generate(pipe: Any, cfg: GenerateConfig, rows: dict, seeds: list[int]) -> list[Image.Image]:
     """Images for a batch of dataset rows (a dict of lists) and their seeds."""
     return generate_images(pipe, rows["conditioning_image"], rows["text"], seeds, cfg.resolution,
@@ -100,11 +94,11 @@ def benchmark(pipe: Any, cfg: GenerateConfig, ds: Any, seeds: list[int], runtime
     out: dict[str, Any] = {"images": n}
     for bs in dict.fromkeys((cfg.batch_size, 1)):
         _generate(pipe, cfg, {k: v[:bs] for k, v in rows.items()}, seeds[:bs])  # warm-up
-        _sync(runtime.device)
+        synchronize(runtime.device)
         t0 = time.perf_counter()
         for i in range(0, n, bs):
             _generate(pipe, cfg, {k: v[i:i + bs] for k, v in rows.items()}, seeds[i:i + bs])
-        _sync(runtime.device)
+        synchronize(runtime.device)
         dt = time.perf_counter() - t0
         out[f"batch_{bs}"] = {"batch_size": bs, "seconds": dt, "images_per_second": n / dt if dt > 0 else None}
     top, one = out[f"batch_{cfg.batch_size}"]["images_per_second"], out["batch_1"]["images_per_second"]
@@ -137,13 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_controlnet_pipeline(SD_DIR, CONTROLNET_DIR, cfg.scheduler, runtime.device, runtime.precision)
     mine = list(range(runtime.process_index, count, runtime.num_processes))
     batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    _sync(runtime.device)
+    synchronize(runtime.device)
     t0 = time.perf_counter()
     for idx in tqdm(batches, desc="generate", unit="batch", disable=not runtime.is_main_process):
         rows = ds[idx]
         for sid, image in zip(rows["id"], _generate(pipe, cfg, rows, [seeds[i] for i in idx]), strict=True):
             image.save(images_dir / f"{sid}.png")
-    _sync(runtime.device)
+    synchronize(runtime.device)
     seconds = time.perf_counter() - t0
     runtime.wait_for_everyone()
     if not runtime.is_main_process:
