@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 SPIGA_VERSION := 0.0.6
 
-.PHONY: demo test real lint bench env clean-env help
+.PHONY: demo test real lint bench publish env clean-env help
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ -/'
 
@@ -38,6 +38,9 @@ lint: $(BIN)/.installed  ## ruff
 
 bench: $(BIN)/.installed  ## the speed benchmark alone (writes reports/bench/)
 	$(BIN)/dvc repro bench_facesynthetics
+
+publish: $(BIN)/.installed  ## upload a dataset to the Hub (side effects; not in dvc repro): make publish ARGS="--repo-id user/name [--dry-run]"
+	$(BIN)/python -m stages.publish $(ARGS)
 
 clean-env:  ## remove the virtual environment
 	rm -rf $(VENV)

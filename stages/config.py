@@ -160,11 +160,11 @@ def positive(prefix: str, **values: float) -> None:
 
 def run(main: Callable[[], object]) -> None:
     """Run a stage's ``main`` from the command line: expected failures (a bad parameter, a missing input,
-    a failed download) print one clear line and exit 2 instead of a traceback."""
-    from pipelines.sources.downloads import DownloadError
+    a failed download or upload) print one clear line and exit 2 instead of a traceback."""
+    from pipelines.errors import PipelineError
 
     try:
         main()
-    except (ParamError, FileNotFoundError, DownloadError) as exc:
+    except (ParamError, FileNotFoundError, PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -26,6 +26,8 @@ STAGES = {
     "assemble_coco": ("stages.assemble_coco", "AssembleCocoConfig", "assemble_coco"),
     "bench_coco_select": ("stages.bench_coco_select", "BenchCocoConfig", "bench_coco_select"),
 }
+# commands that read params but are not DVC stages (side effects): name -> (module, config class, section)
+COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}
 SECTIONS = sorted({section for _, _, section in STAGES.values()})
 
 
@@ -71,7 +73,7 @@ def test_dvc_stages_and_params_sections_match(repo_root):
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
     params = C.read_params(repo_root / "params.yaml")
     assert set(dvc) == set(STAGES)
-    assert set(params) == {"base", *SECTIONS}
+    assert set(params) == {"base", *SECTIONS, *(section for _, _, section in COMMANDS.values())}
     for name, stage in dvc.items():
         module, _, section = STAGES[name]
         assert f"-m {module}" in stage["cmd"], name
@@ -83,10 +85,10 @@ def test_dvc_stages_and_params_sections_match(repo_root):
 
 
 @pytest.mark.parametrize("profile", C.PROFILES)
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", sorted(STAGES) + sorted(COMMANDS))
 def test_every_stage_config_is_complete_and_valid(repo_root, stage, profile):
     """The real configuration cannot run here, but it must parse and validate like the sample one."""
-    module, cls_name, section = STAGES[stage]
+    module, cls_name, section = {**STAGES, **COMMANDS}[stage]
     params = C.read_params(repo_root / "params.yaml")
     if cls_name is None:
         base, cfg = importlib.import_module(module).load_config(params, section, profile)

@@ -20,12 +20,14 @@ from pathlib import Path, PurePosixPath
 
 import requests
 
+from pipelines.errors import PipelineError
+
 CHUNK = 1 << 16  # small enough that an interrupted transfer keeps most of what arrived
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PipelineError):
     """A download that failed or did not verify; the message names the URL and what mismatched."""
 
 
