@@ -79,6 +79,7 @@ def write_json(path: str | Path, payload: dict, ndigits: int = 6) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports and manifests are meant to be read by others
     os.replace(tmp, path)
     return path
 

@@ -25,6 +25,10 @@ STAGES = {
     "fetch_coco_images": ("stages.fetch_coco", "FetchCocoConfig", "fetch_coco"),
     "assemble_coco": ("stages.assemble_coco", "AssembleCocoConfig", "assemble_coco"),
     "bench_coco_select": ("stages.bench_coco_select", "BenchCocoConfig", "bench_coco_select"),
+    "headpose_facesynthetics": ("stages.headpose_facesynthetics", "HeadposeFaceSyntheticsConfig",
+                                "headpose_facesynthetics"),
+    "headpose_photos": ("stages.headpose_photos", "HeadposePhotosConfig", "headpose_photos"),
+    "validate_headpose": ("stages.validate_headpose", "ValidateHeadposeConfig", "validate_headpose"),
 }
 # commands that read params but are not DVC stages (side effects): name -> (module, config class, section)
 COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}

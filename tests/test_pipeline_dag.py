@@ -106,3 +106,16 @@ def test_coco_humans_dataset(sample_run):
     assert set(ds) == {"train", "validation"} and ds["train"].num_rows == 3 and ds["validation"].num_rows == 2
     report = json.loads((work / "reports/datasets/coco_humans.json").read_text())
     assert report["rows"]["train"] == 3
+
+
+def test_headpose_sets_and_validation(sample_run):
+    import datasets
+
+    work, _, _ = sample_run
+    ds = datasets.load_dataset(str(work / "data/datasets/headpose_facesynthetics"), split="train")
+    assert ds.num_rows == 2 * 24 and set(ds["estimator"]) == {"spiga", "pnp"}
+    photos = datasets.load_dataset(str(work / "data/datasets/headpose_photos"), split="train")
+    assert photos.num_rows > 0 and {"yaw", "pitch", "roll", "x", "y", "scale", "direction"} <= set(photos.column_names)
+    report = json.loads((work / "reports/datasets/headpose_validation.json").read_text())
+    # PnP on the ground-truth landmarks of faces rendered at known poses: the offline known answer
+    assert report["mae_degrees"]["pnp_on_ground_truth_landmarks"]["overall"] < 1.0
