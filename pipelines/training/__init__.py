@@ -1,0 +1,1 @@
+"""Training the project's models (the landmark ControlNet first) on diffusers and accelerate."""

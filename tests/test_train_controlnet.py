@@ -1,0 +1,364 @@
+"""ControlNet training: data contract, deterministic order, loss goes down, exact resume, checkpoint limit,
+the saved model loads and generates, the stage end to end, and parameter errors."""
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from pipelines import generation as G
+from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
+from pipelines.model_store import make_standin
+from pipelines.reports import read_json
+from pipelines.training import controlnet as T
+from stages import train_controlnet as S
+from stages.config import ParamError, load
+
+RES = 64
+
+#: The params.yaml section this stage reads (the lead adds it to params.yaml).
+SECTION = yaml.safe_load("""
+train_controlnet:
+  pretrained_model: data/models/sd_base
+  gradient_accumulation_steps: 1
+  gradient_checkpointing: false
+  checkpoints_total_limit: 2
+  validation_guidance_scale: 7.5
+  validation_scheduler: unipc
+  proportion_empty_prompts: 0.0
+  lr_scheduler: constant
+  lr_warmup_steps: 0
+  adam_weight_decay: 0.01
+  max_grad_norm: 1.0
+  sample:
+    resolution: 64
+    learning_rate: 1.0e-4
+    train_batch_size: 2
+    mixed_precision: "no"
+    max_train_steps: 4
+    checkpointing_steps: 2
+    validation_steps: 2
+    num_validation_images: 2
+    validation_inference_steps: 2
+    dataloader_num_workers: 0
+  real:
+    resolution: 512
+    learning_rate: 1.0e-5
+    train_batch_size: 4
+    mixed_precision: fp16
+    max_train_steps: 25000
+    checkpointing_steps: 5000
+    validation_steps: 5000
+    num_validation_images: 4
+    validation_inference_steps: 20
+    dataloader_num_workers: 8
+""")
+
+
+def condition(k: int, size: int = RES) -> Image.Image:
+    img = Image.new("RGB", (size, size))
+    d = ImageDraw.Draw(img)
+    d.line([(4 + 5 * k, 10), (size - 10, size - 5 - 4 * k)], fill=(0, 255, 0), width=3)
+    d.ellipse([15, 15 + 3 * k, 30, 25 + 3 * k], fill=(255, 0, 255))
+    return img
+
+
+def face(k: int, size: int = RES) -> Image.Image:
+    y, x = np.mgrid[0:size, 0:size] / size
+    arr = np.stack([x * 255, y * 255, np.full_like(x, 40 * k)], -1).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def write_dataset(out, n_train: int = 4, n_val: int = 2) -> None:
+    features = facesynthetics_features()
+
+    def row(sid, k):
+        return {"id": sid, "image": face(k), "conditioning_image": condition(k), "text": f"a rendered face {k}",
+                "landmarks": np.zeros((68, 2), np.float32), "headpose": [0.0] * 6, "face_box": [0.0, 0, 1, 1],
+                "source_landmarks": np.zeros((70, 2), np.float32), "segmentation": np.zeros((8, 8), np.uint8)}
+
+    with ParquetShardWriter(out, "train", features) as w:
+        for k in range(n_train):
+            w.write(row(f"{k:06d}", k))
+    with ParquetShardWriter(out, "validation", features) as w:
+        for k in range(n_val):
+            w.write(row(f"{100 + k:06d}", 10 + k))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    sd = root / "sd_base"
+    make_standin("sd_base", sd)
+    write_dataset(root / "ds")
+    return sd, root / "ds", root / "hf_cache"
+
+
+def settings(**kw) -> T.TrainSettings:
+    base = dict(resolution=RES, learning_rate=1e-3, train_batch_size=2, max_train_steps=4, checkpointing_steps=2,
+                checkpoints_total_limit=None, validation_steps=100, num_validation_images=2,
+                validation_inference_steps=2, seed=0)
+    return T.TrainSettings(**{**base, **kw})
+
+
+def train(assets, root, s, **kw):
+    sd, ds, cache = assets
+    return T.train_controlnet(s, sd, ds, root / "out", root / "ckpt", root / "logs", cpu=True, cache_dir=cache, **kw)
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "diffusion_pytorch_model.safetensors"))
+
+
+# --- pure functions ----------------------------------------------------------------------------------------
+
+
+def test_transform_contract(assets):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(assets[0] / "tokenizer")
+    tf = T.make_transform(tok, 32)
+    white, black = Image.new("RGB", (96, 48), "white"), Image.new("L", (96, 48), 0)
+    out = tf({"image": white, "conditioning_image": white, "text": "ab"})
+    assert out["pixel_values"].shape == (3, 32, 32) and torch.allclose(out["pixel_values"], torch.ones(3, 32, 32))
+    assert torch.allclose(out["conditioning_pixel_values"], torch.ones(3, 32, 32))  # [0, 1], not [-1, 1]
+    out = tf({"image": black, "conditioning_image": black, "text": ""})
+    assert torch.allclose(out["pixel_values"], -torch.ones(3, 32, 32)) and out["conditioning_pixel_values"].max() == 0
+    # the offline tokenizer: byte tokens (a word's last byte + 256, its '</w>' form), BOS 512, EOS 513 = pad
+    ids = T.tokenize(tok, ["ab"])[0]
+    assert ids.shape == (77,) and ids[:4].tolist() == [512, 97, 98 + 256, 513] and (ids[4:] == 513).all()
+    # centre crop keeps the middle: a left-black / right-white 96x48 image -> 32x32 cut from its centre
+    half = np.zeros((48, 96, 3), np.uint8)
+    half[:, 48:] = 255
+    cp = T.condition_transform(32)(Image.fromarray(half))
+    assert cp[:, :, :14].max() == 0 and cp[:, :, 18:].min() == 1
+
+
+def test_data_order_is_a_seeded_stream():
+    n = 5
+    stream = T.sample_indices(n, seed=3, start=0, count=15)
+    for e in range(3):  # each epoch is a permutation, and a different one
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+        assert stream[e * n:(e + 1) * n] == T.epoch_permutation(n, 3, e)
+    assert T.epoch_permutation(n, 3, 0) != T.epoch_permutation(n, 3, 1)
+    assert T.sample_indices(n, 3, 7, 6) == stream[7:13]  # any window of the same stream
+    it = T.batch_stream(n, 3, batch_size=2, start_micro_step=1)
+    assert next(it) == stream[2:4] and next(it) == stream[4:6]
+    # two processes: micro-step m takes positions [4m, 4m+2) on rank 0 and [4m+2, 4m+4) on rank 1
+    assert next(T.batch_stream(n, 3, 2, 1, 1, 2)) == stream[6:8]
+    assert T.step_generator(0, 5).initial_seed() == T.step_generator(0, 5).initial_seed() != T.step_generator(0, 6).initial_seed()
+
+
+def test_conditioning_channels():
+    assert T.conditioning_channels(8) == (16, 32, 96, 256)  # diffusers' default, SD's VAE
+    assert T.conditioning_channels(2) == G.TINY_CONDITIONING_CHANNELS
+    with pytest.raises(ValueError):
+        T.conditioning_channels(3)
+
+
+def test_checkpoint_listing_and_pruning(tmp_path):
+    for step in (10, 2, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / T.STEP_FILE).write_text("{}")
+    (tmp_path / "checkpoint-40").mkdir()  # incomplete (no step file): ignored, then removed
+    assert [s for s, _ in T.list_checkpoints(tmp_path)] == [2, 10, 30]
+    T.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-30"]
+
+
+def test_metrics_log_layout_and_truncate(tmp_path):
+    m = T.MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        m.log(step, {"loss": 0.5 / step, "lr": 1e-4})
+    assert (tmp_path / "plots/metrics/train/loss.tsv").read_text().splitlines()[:2] == ["step\tloss", "1\t0.5"]
+    assert read_json(tmp_path / "metrics.json") == {"step": 3, "train": {"loss": 0.166667, "lr": 0.0001}}
+    m.truncate(2)
+    assert T.read_tsv(tmp_path / "plots/metrics/train/loss.tsv") == [(1, 0.5), (2, 0.25)]
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_on_a_fixed_batch(assets):
+    c = T.load_components(assets[0], seed=0)
+    for m in (c.vae, c.unet, c.text_encoder):
+        m.requires_grad_(False)
+    tf = T.make_transform(c.tokenizer, RES)
+    batch = T.collate([tf({"image": face(k), "conditioning_image": condition(k), "text": f"face {k}"}) for k in (0, 1)])
+    opt = torch.optim.AdamW(c.controlnet.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):  # the same noise and timesteps each step: a pure overfit
+        loss = T.training_loss(c, c.controlnet, batch, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert all(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)), losses  # down at every step
+    assert losses[-1] < 0.9 * losses[0], losses  # measured: 1.183 -> 0.988
+
+
+def test_resume_equals_uninterrupted_and_checkpoint_limit(assets, tmp_path):
+    s = settings(checkpointing_steps=1, checkpoints_total_limit=2, gradient_accumulation_steps=2,
+                 proportion_empty_prompts=0.5)
+    a = train(assets, tmp_path / "a", s)
+    assert a["finished"] and a["global_step"] == 4 and a["resumed_from"] is None
+    assert sorted(p.name for p in (tmp_path / "a/ckpt").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+    sb = settings(checkpointing_steps=2, checkpoints_total_limit=2, gradient_accumulation_steps=2,
+                  proportion_empty_prompts=0.5)
+    first = train(assets, tmp_path / "b", sb, stop_after=3)  # "interrupted" after step 3: last checkpoint is 2
+    assert not first["finished"] and not (tmp_path / "b/out").exists()
+    assert [r[0] for r in T.read_tsv(tmp_path / "b/logs/plots/metrics/train/loss.tsv")] == [1, 2, 3]
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    (tmp_path / "b/logs/plots/images/validation").mkdir(parents=True)
+    (tmp_path / "b/logs/plots/images/validation/step-3.png").write_bytes(b"stale")  # past the checkpoint
+    b = train(assets, tmp_path / "b", sb)
+    assert not (tmp_path / "b/logs/plots/images/validation/step-3.png").exists()
+    assert b["resumed_from"].endswith("checkpoint-2") and b["steps_this_run"] == 2 and b["finished"]
+
+    wa, wb = weights(tmp_path / "a/out"), weights(tmp_path / "b/out")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    la, lb = (T.read_tsv(tmp_path / f"{x}/logs/plots/metrics/train/loss.tsv") for x in "ab")
+    assert [r[0] for r in lb] == [1, 2, 3, 4]  # step 3 of the interrupted run was dropped and redone
+    np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=1e-4)
+    # the ControlNet did change: its zero convolutions are not zero any more
+    assert wa["controlnet_mid_block.weight"].abs().sum() > 0
+
+
+def test_a_changed_recipe_is_not_resumed(assets, tmp_path, caplog):
+    """Checkpoints of another recipe are discarded, never resumed: the run equals a fresh one."""
+    train(assets, tmp_path, settings(max_train_steps=2, checkpointing_steps=2))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    summary = train(assets, tmp_path, settings(max_train_steps=2, checkpointing_steps=2, learning_rate=5e-4))
+    assert summary["resumed_from"] is None
+    assert "another recipe (learning_rate differ)" in caplog.text
+
+
+def test_saved_model_loads_and_generates(assets, tmp_path):
+    from diffusers import ControlNetModel
+
+    summary = train(assets, tmp_path, settings(max_train_steps=2, validation_steps=2),
+                    card={"base_model": "standin/sd-tiny", "dataset": "facesynthetics_spiga", "standin": True})
+    out = tmp_path / "out"
+    cn = ControlNetModel.from_pretrained(str(out))
+    assert cn.dtype == torch.float32 and tuple(cn.config.conditioning_embedding_out_channels) == (16, 32)
+    pipe = G.load_controlnet_pipeline(assets[0], out, "unipc", "cpu", "fp32")
+    images = G.generate_images(pipe, [condition(1)], ["a face"], [7], RES, 2, 7.5)
+    assert images[0].size == (RES, RES) and np.asarray(images[0]).std() > 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model: standin/sd-tiny" in card and "STAND-IN RUN" in card
+    assert "| `learning_rate` | `0.001` |" in card and "Optimizer steps: **2**" in card
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    grid = Image.open(tmp_path / "logs/plots/images/validation/step-2.png")
+    assert grid.size == (2 * RES, 2 * RES)  # 2 rows of (condition | generated)
+    assert (tmp_path / "logs/plots/images/validation/latest.png").read_bytes() == \
+        (tmp_path / "logs/plots/images/validation/step-2.png").read_bytes()
+
+
+def test_mixed_precision_keeps_controlnet_fp32(assets, tmp_path):
+    summary = train(assets, tmp_path, settings(max_train_steps=2, validation_steps=2, mixed_precision="bf16",
+                                               gradient_checkpointing=True, lr_scheduler="cosine", lr_warmup_steps=1))
+    assert summary["mixed_precision"] == "bf16" and summary["finished"]
+    assert summary["controlnet_dtype"] == "float32" and summary["frozen_dtype"] == "bfloat16"
+    assert np.isfinite(summary["final_loss"]) and (tmp_path / "logs/plots/images/validation/step-2.png").is_file()
+    lrs = [v for _, v in T.read_tsv(tmp_path / "logs/plots/metrics/train/lr.tsv")]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(0.0, abs=1e-12)]  # warm-up to 1e-3, cosine to 0 at step 2
+
+
+# --- the stage -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, repo_root):
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["base"].update(profile="sample", device="cpu")
+    params.update(json.loads(json.dumps(SECTION)))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_dataset(tmp_path / S.DATASET_DIR)
+    make_standin("sd_base", tmp_path / "data/models/sd_base")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, params
+
+
+def test_stage_end_to_end(workdir):
+    root, params = workdir
+    summary = S.main([])
+    model = root / S.OUTPUT_DIR
+    assert (model / "config.json").is_file() and (model / "diffusion_pytorch_model.safetensors").is_file()
+    assert (model / "README.md").is_file() and "STAND-IN" in (model / "README.md").read_text()
+    manifest = read_json(model / "facecontrol_model.json")
+    assert manifest["name"] == "controlnet" and manifest["standin"] is True
+    assert sorted(p.name for p in (root / S.CHECKPOINTS_DIR).iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    logs = root / S.LOG_DIR
+    assert [r[0] for r in T.read_tsv(logs / "plots/metrics/train/loss.tsv")] == [1, 2, 3, 4]
+    assert [v for _, v in T.read_tsv(logs / "plots/metrics/train/lr.tsv")] == [1e-4] * 4
+    assert read_json(logs / "metrics.json")["step"] == 4
+    assert sorted(p.name for p in (logs / "plots/images/validation").iterdir()) == ["latest.png", "step-2.png", "step-4.png"]
+    saved = read_json(S.SUMMARY_FILE)
+    assert saved["global_step"] == summary["global_step"] == 4 and saved["uses_standin_models"] is True
+    assert saved["steps_per_second"] > 0 and saved["params"]["learning_rate"] == 1e-4
+
+    # rerun after it finished: resumes at step 4, trains nothing, saves the same model again
+    before = weights(model)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    again = S.main([])
+    assert again["steps_this_run"] == 0 and again["resumed_from"].endswith("checkpoint-4")
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_params_profiles_and_errors(workdir):
+    _, params = workdir
+    base, sample = load(S.TrainControlNetConfig, "train_controlnet", params, "sample")
+    assert sample.resolution == 64 and sample.max_train_steps == 4 and sample.mixed_precision == "no"
+    _, real = load(S.TrainControlNetConfig, "train_controlnet", params, "real")
+    assert (real.resolution, real.learning_rate, real.train_batch_size, real.max_train_steps) == (512, 1e-5, 4, 25000)
+    assert real.checkpointing_steps == real.validation_steps == 5000
+    assert real.settings(base.seed).seed == base.seed and real.settings(0).lr_scheduler == "constant"
+
+    def bad(**kw):
+        p = json.loads(json.dumps(params))
+        p["train_controlnet"]["sample"].update(kw)
+        return load(S.TrainControlNetConfig, "train_controlnet", p, "sample")
+
+    with pytest.raises(ParamError, match=r"train_controlnet\.learning_rate: must be > 0"):
+        bad(learning_rate=0)
+    with pytest.raises(ParamError, match=r"train_controlnet\.mixed_precision: 'fp8' is not one of"):
+        bad(mixed_precision="fp8")
+    with pytest.raises(ParamError, match=r"train_controlnet\.proportion_empty_prompts"):
+        bad(proportion_empty_prompts=1.5)
+    with pytest.raises(ParamError, match=r"train_controlnet: unknown key\(s\) lr"):
+        bad(lr=1)
+    with pytest.raises(ParamError, match=r"train_controlnet\.checkpoints_total_limit"):
+        bad(checkpoints_total_limit=0)
+    with pytest.raises(ParamError, match=r"train_controlnet\.resolution: must be a multiple of 8"):
+        bad(resolution=60)
