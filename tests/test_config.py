@@ -29,6 +29,7 @@ STAGES = {
                                 "headpose_facesynthetics"),
     "headpose_photos": ("stages.headpose_photos", "HeadposePhotosConfig", "headpose_photos"),
     "validate_headpose": ("stages.validate_headpose", "ValidateHeadposeConfig", "validate_headpose"),
+    "train_controlnet": ("stages.train_controlnet", "TrainControlNetConfig", "train_controlnet"),
 }
 # commands that read params but are not DVC stages (side effects): name -> (module, config class, section)
 COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}

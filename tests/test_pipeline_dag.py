@@ -11,7 +11,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-COPY_IGNORE = shutil.ignore_patterns(".venv", "data", ".git", "__pycache__", ".pytest_cache", "*.egg-info", ".ruff_cache")
+COPY_IGNORE = shutil.ignore_patterns(".venv", "data", "models", ".git", "__pycache__", ".pytest_cache", "*.egg-info", ".ruff_cache")
 
 
 def sh(args, cwd, env):
@@ -119,3 +119,13 @@ def test_headpose_sets_and_validation(sample_run):
     report = json.loads((work / "reports/datasets/headpose_validation.json").read_text())
     # PnP on the ground-truth landmarks of faces rendered at known poses: the offline known answer
     assert report["mae_degrees"]["pnp_on_ground_truth_landmarks"]["overall"] < 1.0
+
+
+def test_controlnet_trained_resumable_and_loadable(sample_run):
+    from diffusers import ControlNetModel
+
+    work, _, _ = sample_run
+    ControlNetModel.from_pretrained(work / "models/controlnet_landmarks")
+    loss = (work / "reports/train/controlnet_landmarks/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 1 + 4  # one row per optimizer step
+    assert (work / "reports/train/controlnet_landmarks/plots/images/validation/latest.png").is_file()
