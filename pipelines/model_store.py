@@ -22,13 +22,35 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _torchscript_weights_digest(path: Path) -> str | None:
+    """SHA-256 of a TorchScript archive's parameters and buffers (names, dtypes, shapes, bytes), or None when
+    ``path`` is not TorchScript. The archive's own bytes are not stable: ``torch.jit.save`` writes a random
+    serialization id and source paths, so equal weights would get different file hashes."""
+    import zipfile
+
+    import torch
+
+    if not zipfile.is_zipfile(path) or not any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        return None
+    h = hashlib.sha256()
+    for name, t in sorted(torch.jit.load(str(path), map_location="cpu").state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def tree_digest(root: str | Path) -> str:
-    """SHA-256 over the relative paths and bytes of every file under ``root`` (manifest excluded)."""
+    """SHA-256 over the relative paths and contents of every file under ``root`` (manifest excluded).
+
+    A file's content is its bytes, except for TorchScript archives, whose weights are hashed instead.
+    """
     root = Path(root)
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != "facecontrol_model.json"):
         h.update(str(p.relative_to(root)).encode())
-        h.update(sha256_file(p).encode())
+        content = _torchscript_weights_digest(p) if p.suffix == ".pt" else None
+        h.update((content or sha256_file(p)).encode())
     return h.hexdigest()
 
 

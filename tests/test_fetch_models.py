@@ -54,3 +54,19 @@ def test_unknown_standin_role_is_rejected(repo_root: Path) -> None:
     params["fetch_models"]["sample"]["gpt"] = {"source": "standin"}
     with pytest.raises(C.ParamError, match="fetch_models.gpt.source: no stand-in exists"):
         load_config(params, "fetch_models", "sample")
+
+
+def test_torchscript_standin_revision_is_its_weights(tmp_path: Path, repo_root: Path) -> None:
+    """TorchScript archives differ byte-wise between processes (random serialization id); the revision
+    must follow the weights only, so a rebuild elsewhere gives the same revision."""
+    import subprocess
+    import sys
+
+    a = make_standin("inception", tmp_path / "a", seed=0)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pipelines.model_store import make_standin; "
+            "print(make_standin('inception', sys.argv[2], seed=0).revision)")
+    out = subprocess.run([sys.executable, "-c", code, str(repo_root), str(tmp_path / "b")], capture_output=True,
+                         text=True, check=True, cwd=tmp_path).stdout.split()[-1]
+    assert (tmp_path / "a" / a.id).read_bytes() != (tmp_path / "b" / a.id).read_bytes()  # why this matters
+    assert out == a.revision
+    assert make_standin("inception", tmp_path / "c", seed=1).revision != a.revision
