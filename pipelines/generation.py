@@ -235,12 +235,6 @@ def load_conditions(dataset_dir: str | Path, split: str = "validation", limit: i
 
     Images decode lazily (index it per batch), so a thousand 512 px conditions do not sit in memory.
     """
-    import datasets
+    from pipelines.hfdata import load_split_sorted
 
-    dataset_dir = Path(dataset_dir)
-    if not (dataset_dir / "data").is_dir():
-        raise FileNotFoundError(f"{dataset_dir} holds no dataset (no data/ folder): run the assemble stage first")
-    ds = datasets.load_dataset(str(dataset_dir), split=split, cache_dir=None if cache_dir is None else str(cache_dir))
-    ds = ds.select_columns(["id", "conditioning_image", "text"])
-    order = sorted(range(len(ds)), key=ds["id"].__getitem__)
-    return ds.select(order if limit is None else order[:limit])
+    return load_split_sorted(dataset_dir, split, ["id", "conditioning_image", "text"], limit, cache_dir)

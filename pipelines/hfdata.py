@@ -192,3 +192,17 @@ def read_card_metadata(path: str | Path) -> dict:
         raise ValueError(f"{path} has no YAML front matter")
     end = text.index("\n---\n", 4)
     return yaml.safe_load(text[4:end]) or {}
+
+
+def load_split_sorted(dataset_dir: str | Path, split: str, columns: list[str], limit: int | None = None,
+                      cache_dir: str | Path | None = None) -> Any:
+    """``split`` of the Hub-layout dataset at ``dataset_dir`` with ``columns``, sorted by ``id``, the first
+    ``limit`` rows (all when None): the order every consumer of a split (generate, evaluate, training
+    validation, reference statistics) shares. Images decode lazily, per row."""
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / "data").is_dir():
+        raise FileNotFoundError(f"{dataset_dir} holds no dataset (no data/ folder): run the assemble stage first")
+    ds = datasets.load_dataset(str(dataset_dir), split=split, cache_dir=None if cache_dir is None else str(cache_dir))
+    ds = ds.select_columns(columns)
+    order = sorted(range(len(ds)), key=ds["id"].__getitem__)
+    return ds.select(order if limit is None else order[:limit])

@@ -26,7 +26,6 @@ The caller (stages/publish.py) records the commit id in ``reports/publish/<datas
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -42,6 +41,7 @@ import yaml
 
 from pipelines.errors import PipelineError
 from pipelines.hfdata import CARD, DATA_DIR, read_card_metadata
+from pipelines.model_store import sha256_file
 
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_.]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -497,14 +497,6 @@ def preflight(api, repo_id: str, repo_type: str = "dataset", token: str | None =
             "token_role": role, "endpoint": where}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def publish(dataset_dir: str | Path, repo_id: str, revision: str = "main", private: bool = True,
             create_pr: bool = False, token: str | None = None, dry_run: bool = False, large: bool = False, *,
             staging_dir: str | Path | None = None, report: dict | None = None, api=None,
@@ -532,7 +524,7 @@ def publish(dataset_dir: str | Path, repo_id: str, revision: str = "main", priva
     result: dict[str, Any] = {
         "repo_id": repo_id, "revision": revision, "create_pr": bool(create_pr), "private": bool(private),
         "files": [{"path": f.path, "size": f.size} for f in tree], "bytes": sum(f.size for f in tree),
-        "card_sha256": _sha256(staging / CARD), "staging_dir": str(staging), "dry_run": bool(dry_run),
+        "card_sha256": sha256_file(staging / CARD), "staging_dir": str(staging), "dry_run": bool(dry_run),
         "commit_id": None, "commit_url": None, "pr_url": None, "method": None, "preflight": None,
     }
     if dry_run:

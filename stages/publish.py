@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 
+from pipelines.model_store import sha256_file
 from pipelines.publish import PublishError, StagedFile, check_repo_id, format_tree, publish
 from pipelines.reports import read_json, write_json
 from stages import config as C
@@ -90,10 +90,6 @@ def merge(cfg: PublishConfig, args: argparse.Namespace) -> PublishConfig:
     return C.parse(PublishConfig, {**dataclasses.asdict(cfg), **over}, "publish")
 
 
-def _sha256_file(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 def run_publish(cfg: PublishConfig, *, dry_run: bool = False, large: bool | None = None, token: str | None = None,
                 datasets_dir: Path = DATASETS_DIR, dataset_reports: Path = DATASET_REPORTS,
                 staging_root: Path = STAGING_DIR, reports_dir: Path = REPORTS_DIR, api=None) -> dict:
@@ -119,7 +115,7 @@ def run_publish(cfg: PublishConfig, *, dry_run: bool = False, large: bool | None
         "dataset": cfg.dataset,
         "dataset_dir": str(dataset_dir),
         "dataset_report": str(report_path) if dataset_report else None,
-        "dataset_report_sha256": _sha256_file(report_path),
+        "dataset_report_sha256": sha256_file(report_path) if report_path.is_file() else None,
         "repo_id": result["repo_id"],
         "repo_type": "dataset",
         "revision": result["revision"],

@@ -313,15 +313,6 @@ def load_reference(path_npz: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in ("features", "mu", "sigma")}
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Inception Score
 
@@ -375,16 +366,10 @@ def load_split_images(dataset_dir: str | Path, split: str, column: str = "image"
                       cache_dir: str | Path | None = None) -> tuple[Any, list[str]]:
     """The ``column`` images of ``split`` of the Hub-layout dataset at ``dataset_dir``, sorted by ``id``
     (the order the generate stage uses): a lazy sequence of PIL images, and the ids."""
-    import datasets
+    from pipelines.hfdata import load_split_sorted
 
-    dataset_dir = Path(dataset_dir)
-    if not (dataset_dir / "data").is_dir():
-        raise FileNotFoundError(f"{dataset_dir} holds no dataset (no data/ folder): run the assemble stage first")
-    ds = datasets.load_dataset(str(dataset_dir), split=split, cache_dir=None if cache_dir is None else str(cache_dir))
-    ids = ds["id"]
-    order = sorted(range(len(ds)), key=ids.__getitem__)
-    ds = ds.select(order).select_columns(["id", column])
-    return _ImageColumn(ds, column), [ids[i] for i in order]
+    ds = load_split_sorted(dataset_dir, split, ["id", column], cache_dir=cache_dir)
+    return _ImageColumn(ds, column), list(ds["id"])
 
 
 def reference_statistics(dataset_dir: str | Path, split: str, model_dir: str | Path, out_npz: str | Path,
