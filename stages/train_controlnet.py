@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from pipelines.model_store import tree_digest
 from pipelines.reports import ModelInfo, provenance, read_model_manifest, write_json, write_model_manifest
 from pipelines.standins import STANDIN_NOTE
@@ -35,6 +37,9 @@ OUTPUT_DIR = Path("models/controlnet_landmarks")
 CHECKPOINTS_DIR = Path("models/controlnet_landmarks_checkpoints")
 LOG_DIR = Path("reports/train/controlnet_landmarks")
 SUMMARY_FILE = LOG_DIR / "summary.json"
+EVALUATION_NOTE = ("Its evaluation beside the released multimodalart/uncannyfaces_25K (FID, KID, IS, CLIP score, "
+                   "off-distribution prompt adherence, landmark NME, face detection, pose error) is the facecontrol "
+                   "report reports/metrics/controlnet_landmarks.json (stage evaluate@controlnet_landmarks).")
 log = logging.getLogger("stages.train_controlnet")
 
 
@@ -99,12 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"{DATASET_DIR} holds no dataset (no data/ folder): run the assemble stage first")
     if base.device not in ("auto", "cpu") and not base.device.startswith("cuda"):
         raise ParamError(f"base.device: {base.device!r}: train_controlnet runs on cpu or cuda (via accelerate)")
+    if cfg.mixed_precision == "fp16" and (base.device == "cpu" or not torch.cuda.is_available()):
+        raise ParamError("train_controlnet.mixed_precision: fp16 needs a CUDA GPU (accelerate autocasts no fp16 on the "
+                         "CPU, and the half frozen parts would meet the fp32 ControlNet); use bf16 or no on the CPU")
     settings = cfg.settings(base.seed)
     note = f"STAND-IN base model ({STANDIN_NOTE})." if sd_info.standin else ""
     summary = train_controlnet(settings, sd_dir, DATASET_DIR, OUTPUT_DIR, CHECKPOINTS_DIR, LOG_DIR,
                                cpu=base.device == "cpu", identity={"base_model_revision": sd_info.revision},
                                card={"base_model": sd_info.id, "dataset": "facesynthetics_spiga",
-                                     "standin": sd_info.standin, "note": note})
+                                     "standin": sd_info.standin, "note": f"{note} {EVALUATION_NOTE}".strip()})
     if not summary.get("finished") or not (OUTPUT_DIR / "config.json").is_file():
         return summary  # a non-main process, or stopped early
     info = ModelInfo(name="controlnet", id="facecontrol/controlnet_landmarks", revision=tree_digest(OUTPUT_DIR),

@@ -362,3 +362,12 @@ def test_params_profiles_and_errors(workdir):
         bad(checkpoints_total_limit=0)
     with pytest.raises(ParamError, match=r"train_controlnet\.resolution: must be a multiple of 8"):
         bad(resolution=60)
+
+
+def test_fp16_on_the_cpu_is_refused_before_training(workdir):
+    root, params = workdir
+    params["train_controlnet"]["sample"]["mixed_precision"] = "fp16"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamError, match=r"train_controlnet\.mixed_precision: fp16 needs a CUDA GPU"):
+        S.main([])
+    assert not (root / S.CHECKPOINTS_DIR).exists()

@@ -457,7 +457,8 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
                      output_dir: str | Path, checkpoints_dir: str | Path, log_dir: str | Path, *,
                      controlnet_dir: str | Path | None = None, cpu: bool = False,
                      cache_dir: str | Path | None = None, stop_after: int | None = None,
-                     card: dict | None = None, identity: dict | None = None) -> dict:
+                     card: dict | None = None, identity: dict | None = None,
+                     on_step: Callable[[int, Any], None] | None = None) -> dict:
     """Train (or resume) a ControlNet; returns a summary dict.
 
     Resumes from the newest complete checkpoint under ``checkpoints_dir`` when there is one. With
@@ -466,6 +467,8 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
     A checkpoint whose :func:`recipe_fingerprint` (with ``identity``, e.g. the base model's revision)
     differs from this run's is not resumed: all checkpoints are discarded (with a warning) and training
     starts from scratch, as the sharded stages discard shards made with other settings.
+    ``on_step(global_step, controlnet)`` is called on every process after each optimizer step (after that
+    step's logging, checkpoint and validation) with the unwrapped ControlNet; a benchmark times steps with it.
     """
     import datasets
     from accelerate import Accelerator
@@ -589,6 +592,8 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
             _sync(accelerator)
         if accelerator.is_main_process and (global_step % s.validation_steps == 0 or global_step == s.max_train_steps):
             validate(global_step)
+        if on_step is not None:
+            on_step(global_step, accelerator.unwrap_model(controlnet))
     seconds = time.perf_counter() - t0
     steps_done = global_step - start_step
     _sync(accelerator)

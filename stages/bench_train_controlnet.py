@@ -1,0 +1,127 @@
+"""Stage bench_train_controlnet: training steps/s and peak memory with and without mixed precision and
+gradient checkpointing.
+
+Runs the train_controlnet loop (every setting from the ``train_controlnet`` section but the resolution, batch
+size, mixed precision and gradient checkpointing, which come from this section) for each pair of
+``mixed_precision`` x ``gradient_checkpointing``: ``warmup_steps`` untimed optimizer steps, then
+``timed_steps`` timed ones, each configuration in a fresh process, one after the other in the same run; no
+checkpoint, validation or model is written. Peak memory is CUDA's ``max_memory_allocated`` (and ``_reserved``)
+on a GPU, the process's peak RSS on the CPU. Ratios are against fp32 without checkpointing. On the CPU fp16
+is replaced by bf16 (accelerate autocasts no fp16 on the CPU: the loop would fail). A configuration that
+runs out of GPU memory is recorded as ``{"error": "out of memory"}``.
+
+Reads data/models/sd_base (``train_controlnet.pretrained_model``) and data/datasets/facesynthetics_spiga;
+writes reports/bench/train_controlnet.json.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipelines.errors import PipelineError
+from pipelines.reports import provenance, read_model_manifest, write_json
+from pipelines.training.bench import BASELINE, config_name, run_matrix
+from stages.config import ParamError, cli, load, positive, read_params, run
+from stages.train_controlnet import DATASET_DIR, TrainControlNetConfig
+
+REPORT = Path("reports/bench/train_controlnet.json")
+STANDIN_WARNING = "stand-in tiny UNet: speed says nothing about SD 2.1-base"
+CPU_NOTE = "CPU; peak memory is process RSS (imported libraries included: see rss_at_start_gib)"
+log = logging.getLogger("stages.bench_train_controlnet")
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    """The ``bench_train_controlnet`` section of params.yaml; the matrix is ``mixed_precision`` x
+    ``gradient_checkpointing`` and must hold the baseline ("no", false)."""
+
+    resolution: int
+    train_batch_size: int  # per process (the bench runs one process)
+    warmup_steps: int  # untimed optimizer steps first (allocation, autotuning)
+    timed_steps: int
+    mixed_precision: list[Literal["no", "fp16", "bf16"]]
+    gradient_checkpointing: list[bool] = field(default_factory=lambda: [False, True])
+
+    def validate(self, prefix: str = "bench_train_controlnet") -> None:
+        """Reject values that cannot work, naming the key."""
+        positive(prefix, resolution=self.resolution, train_batch_size=self.train_batch_size,
+                 warmup_steps=self.warmup_steps, timed_steps=self.timed_steps)
+        if self.resolution % 8:
+            raise ParamError(f"{prefix}.resolution: must be a multiple of 8, got {self.resolution}")
+        for key, baseline in zip(("mixed_precision", "gradient_checkpointing"), BASELINE, strict=True):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ParamError(f"{prefix}.{key}: repeated values in {values!r}")
+            if baseline not in values:
+                raise ParamError(f"{prefix}.{key}: must include {baseline!r} (the baseline of the ratios), got {values!r}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Measure every configuration and write the report; returns it."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = cli(__doc__, argv)
+    params = read_params(args.params)
+    base, cfg = load(BenchTrainConfig, "bench_train_controlnet", params, args.profile)
+    _, train = load(TrainControlNetConfig, "train_controlnet", params, args.profile)
+    if base.device not in ("auto", "cpu") and not base.device.startswith("cuda"):
+        raise ParamError(f"base.device: {base.device!r}: bench_train_controlnet runs on cpu or cuda (via accelerate)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PipelineError("bench_train_controlnet measures one process per configuration: start it with python, "
+                            "not accelerate launch or torchrun")
+    sd_dir = Path(train.pretrained_model)
+    sd_info = read_model_manifest(sd_dir)
+    if not (DATASET_DIR / "data").is_dir():
+        raise FileNotFoundError(f"{DATASET_DIR} holds no dataset (no data/ folder): run the assemble stage first")
+    cpu = base.device == "cpu"
+    on_cpu = cpu or not torch.cuda.is_available()
+    notes = [STANDIN_WARNING] if sd_info.standin else []
+    precisions = list(cfg.mixed_precision)
+    if on_cpu:
+        notes.append(CPU_NOTE)
+        if "fp16" in precisions:
+            precisions = list(dict.fromkeys("bf16" if p == "fp16" else p for p in precisions))
+            notes.append("fp16 replaced by bf16 on the CPU (accelerate autocasts no fp16 there; bf16 is the CPU half type)")
+    settings = replace(train.settings(base.seed), resolution=cfg.resolution, train_batch_size=cfg.train_batch_size)
+    with tempfile.TemporaryDirectory(prefix="bench_train_controlnet_") as tmp:
+        measured = run_matrix(settings, sd_dir, DATASET_DIR, tmp, mixed_precision=precisions,
+                              gradient_checkpointing=cfg.gradient_checkpointing, warmup_steps=cfg.warmup_steps,
+                              timed_steps=cfg.timed_steps, cpu=cpu)
+    done = [r for r in measured["configs"].values() if "error" not in r]
+    device = done[0]["device"] if done else ("cpu" if on_cpu else "cuda")
+    gpu_names = [r["device_name"] for r in done if "device_name" in r]
+    report = {
+        **measured,
+        "baseline": config_name(*BASELINE),
+        "device": device,
+        "device_name": gpu_names[0] if gpu_names else platform.processor() or platform.machine(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "mixed_precision_tried": precisions,
+        "method": "train_controlnet's loop, one fresh process per configuration, run one after the other; "
+                  "steps/s over the timed optimizer steps after the warm-up ones (device synchronized before each "
+                  "timestamp); images/s = steps/s x batch x gradient accumulation; peak memory over the whole run",
+        "notes": notes,
+        "uses_standin_models": sd_info.standin,
+        "provenance": provenance([sd_info], {"device": device, "num_processes": 1},
+                                 {"bench_train_controlnet": asdict(cfg), "train_controlnet": asdict(train)}),
+    }
+    write_json(REPORT, report)
+    for name, r in measured["configs"].items():
+        if "error" in r:
+            log.info("%-20s %s", name, r["error"])
+            continue
+        ratio = {k: "n/a" if v is None else f"x{v:.2f}" for k, v in measured["ratios"][name].items()}
+        log.info("%-20s %.3f steps/s (%.2f img/s, %s), peak %.3f GiB (%s)", name, r["steps_per_second"],
+                 r["images_per_second"], ratio["speed"], r["peak_memory_gib"], ratio["memory"])
+    log.info("bench_train_controlnet: report in %s%s", REPORT, "".join(f"; {n}" for n in notes))
+    return report
+
+
+if __name__ == "__main__":
+    run(main)
