@@ -36,8 +36,8 @@ test: $(BIN)/.installed  ## run the tests
 lint: $(BIN)/.installed  ## ruff
 	$(BIN)/ruff check pipelines stages tests
 
-bench: $(BIN)/.installed  ## the speed benchmark alone (writes reports/bench/)
-	$(BIN)/dvc repro bench_facesynthetics
+bench: $(BIN)/.installed  ## re-measure the benchmarks (reports/bench/): annotate/caption/draw, training, COCO selection
+	$(BIN)/dvc repro --force --single-item bench_facesynthetics bench_train_controlnet bench_coco_select
 
 publish: $(BIN)/.installed  ## upload a dataset to the Hub (side effects; not in dvc repro): make publish ARGS="--repo-id user/name [--dry-run]"
 	$(BIN)/python -m stages.publish $(ARGS)

@@ -19,10 +19,11 @@ from PIL import Image
 
 from pipelines.faces.spiga import SpigaAnnotator
 from pipelines.metrics import fid as F
-from pipelines.metrics.clip_score import clip_score, load_clip
+from pipelines.metrics.clip_score import clip_score, load_clip, prompt_adherence
 from pipelines.metrics.control import control_fidelity, make_detector, scale_landmarks
 from pipelines.reports import ModelInfo, read_json
 
+OFF_DISTRIBUTION = "off_distribution.jsonl"  # the generate stage's fixed off-distribution prompts
 CONDITION_FRAME = 512  # the dataset's landmarks are in the 512 px frame of its images
 SMALL_N_NOTE = ("FID is biased upward at small n (it depends on n; compare FID only at equal n, and prefer KID, "
                 "which is unbiased, below a few thousand images)")
@@ -43,11 +44,12 @@ class EvaluationOptions:
     box_margin: float
     batch_size: int
     num_workers: int
+    off_distribution_reference_text: str = "a photo of a person's face"
 
 
-def read_generated(generated_dir: Path) -> tuple[list[str], list[str], list[Path], dict]:
-    """ids, prompts and image paths of a generate stage's output (metadata.jsonl order), and its summary."""
-    meta = generated_dir / "metadata.jsonl"
+def read_jobs(generated_dir: Path, metadata: str = "metadata.jsonl") -> tuple[list[str], list[str], list[Path]]:
+    """ids, prompts and image paths listed in a generate stage's ``metadata`` file (its order)."""
+    meta = generated_dir / metadata
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} is missing: run the generate stage first")
     rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
@@ -55,8 +57,7 @@ def read_generated(generated_dir: Path) -> tuple[list[str], list[str], list[Path
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} generated images are missing, e.g. {missing[0]}")
-    summary_path = generated_dir / "summary.json"
-    return [r["id"] for r in rows], [r["prompt"] for r in rows], paths, (read_json(summary_path) if summary_path.is_file() else {})
+    return [r["id"] for r in rows], [r["prompt"] for r in rows], paths
 
 
 def condition_rows(dataset_dir: Path, split: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +78,9 @@ def evaluate_generated(generated_dir: Path, dataset_dir: Path, split: str, refer
                        inception_dir: Path, clip_dir: Path, spiga_weights: Path, models: list[ModelInfo],
                        opts: EvaluationOptions, device: Any = "cpu") -> dict:
     """All metrics of one generated set; ``models`` are the manifests of the evaluation models."""
-    ids, prompts, paths, gen_summary = read_generated(generated_dir)
+    ids, prompts, paths = read_jobs(generated_dir)
+    summary_path = generated_dir / "summary.json"
+    gen_summary = read_json(summary_path) if summary_path.is_file() else {}
     n = len(ids)
     if n < 2:
         raise ValueError(f"{generated_dir}: {n} generated image(s); FID/KID need at least 2")
@@ -97,9 +100,15 @@ def evaluate_generated(generated_dir: Path, dataset_dir: Path, split: str, refer
 
     start = time.perf_counter()
     images = [Image.open(p).convert("RGB") for p in paths]
-    clip = clip_score(images, prompts, batch_size=opts.batch_size, device=device,
-                      model_and_processor=load_clip(clip_dir, device))
+    clip_model = load_clip(clip_dir, device)
+    clip = clip_score(images, prompts, batch_size=opts.batch_size, device=device, model_and_processor=clip_model)
     timings["clip_images_per_s"] = n / (time.perf_counter() - start)
+    adherence = None
+    if (generated_dir / OFF_DISTRIBUTION).is_file():
+        _, off_prompts, off_paths = read_jobs(generated_dir, OFF_DISTRIBUTION)
+        if off_paths:
+            adherence = prompt_adherence([Image.open(p).convert("RGB") for p in off_paths], off_prompts,
+                                         opts.off_distribution_reference_text, clip_model, device, opts.batch_size)
 
     start = time.perf_counter()
     cond_landmarks, cond_pose = condition_rows(dataset_dir, split, ids)
@@ -126,6 +135,10 @@ def evaluate_generated(generated_dir: Path, dataset_dir: Path, split: str, refer
         "inception_score": {"mean": is_mean, "std": is_std, "splits": splits,
                             "implementation": "torchmetrics InceptionScore on clean-fid's Inception logits"},
         "clip_score": {"value": clip, "implementation": "torchmetrics CLIPScore", "texts": "the conditions' captions"},
+        "prompt_adherence": adherence and {
+            **adherence, "prompts": "the fixed off-distribution prompts (generate.off_distribution_prompts), each on "
+                                    "the first conditions with the condition's own seed",
+            "why": "an overfit landmark ControlNet draws a face whatever the prompt: win rate and CLIP score fall"},
         "control": {**control, "condition_landmarks": "the dataset's SPIGA landmarks the conditioning image was drawn from",
                     "condition_pose": "the dataset's SPIGA head pose of the source image (yaw, pitch, roll)",
                     "resolution": size},

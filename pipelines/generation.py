@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,35 @@ def seed_for(id: str, base_seed: int) -> int:
     big-endian, masked to 31 bits. Stable across runs, machines and Python versions (unlike ``hash``)."""
     digest = hashlib.sha256(f"{base_seed}:{id}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One image to make: which condition (``row`` of the id-sorted split, ``id``), prompt and seed, and the
+    path of the image under the output folder."""
+
+    file_name: str
+    id: str
+    row: int
+    prompt: str
+    seed: int
+    prompt_index: int | None = None  # off-distribution jobs: the prompt's position in the fixed list
+
+
+def condition_jobs(ids: Sequence[str], captions: Sequence[str], base_seed: int) -> list[GenerationJob]:
+    """One job per condition with its own caption: ``images/{id}.png``, seed :func:`seed_for` of the id."""
+    if len(ids) != len(captions):
+        raise ValueError(f"{len(ids)} ids but {len(captions)} captions")
+    return [GenerationJob(f"images/{i}.png", i, r, c, seed_for(i, base_seed))
+            for r, (i, c) in enumerate(zip(ids, captions, strict=True))]
+
+
+def off_distribution_jobs(ids: Sequence[str], prompts: Sequence[str], base_seed: int) -> list[GenerationJob]:
+    """Every fixed off-distribution prompt on every condition of ``ids`` (rows 0..k-1):
+    ``off_distribution/{j:02d}_{id}.png``. The seed is the condition's own, so each image differs from the
+    condition's in-distribution image by its prompt alone."""
+    return [GenerationJob(f"off_distribution/{j:02d}_{i}.png", i, r, p, seed_for(i, base_seed), j)
+            for j, p in enumerate(prompts) for r, i in enumerate(ids)]
 
 
 def prepare_condition(image: Image.Image, resolution: int) -> Image.Image:

@@ -141,13 +141,17 @@ def load(cls: type[T], name: str, params: dict | None = None, profile: str | Non
     return base, parse(cls, section(params, name, base.profile), name)
 
 
-def cli(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """The common command line of a stage: ``--params`` and ``--profile`` (``--help`` explains both)."""
+def cli(description: str, argv: list[str] | None = None,
+        configure: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The common command line of a stage: ``--params`` and ``--profile`` (``--help`` explains both), plus
+    whatever ``configure`` adds to the parser."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Options come from params.yaml (base + this stage's section); "
                                             "base.profile switches between the offline 'sample' and the 'real' configuration.")
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("--profile", choices=PROFILES, default=None, help="override base.profile for this run")
+    if configure is not None:
+        configure(parser)
     return parser.parse_args(argv)
 
 

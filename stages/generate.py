@@ -1,22 +1,37 @@
-"""Stage generate: sample an image per validation condition of the dataset, with fixed seeds, for evaluation.
+"""Stage generate: sample images from one ControlNet for evaluation, with fixed seeds (one DVC stage per model).
+
+``python -m stages.generate --model NAME``; ``generate.models`` in params.yaml maps each model name to its
+ControlNet folder, and dvc.yaml runs this stage once per entry (``generate@NAME``): the released
+multimodalart/uncannyfaces_25K (data/models/controlnet) and ours (models/controlnet_landmarks, from the
+train_controlnet stage), so both are generated and evaluated the same way.
 
 Reads data/datasets/facesynthetics_spiga (split ``validation``: its (conditioning_image, text) pairs, sorted
-by id, the first ``max_images``), data/models/sd_base and data/models/controlnet (Stable Diffusion
-2.1-base + multimodalart/uncannyfaces_25K in the real profile; tiny random-weight stand-ins in the sample
-profile, whose images mean nothing). Writes data/generated/<model_name>/ (images/{id}.png, metadata.jsonl
-with id, prompt, seed and file_name in id order, summary.json), the fixed-seed sample grid
-reports/plots/samples/<model_name>.png (rows of condition | generated) and reports/bench/generate.json
-(images/s at batch_size vs batch 1). The seed of each image comes from its id and base.seed only, so
-images do not depend on the batch size or the process split. The output folder is emptied first: the
-stage is cheap to rerun per model. Several GPUs: `accelerate launch -m stages.generate` splits the ids.
+by id, the first ``max_images``), data/models/sd_base and the model's ControlNet (tiny random-weight
+stand-ins in the sample profile, whose images mean nothing). Writes data/generated/<model>/:
+
+* images/{id}.png + metadata.jsonl (id, prompt, seed, file_name in id order): one image per condition
+  with its own caption (FID/KID/IS/CLIP and control fidelity are measured on these);
+* off_distribution/{j}_{id}.png + off_distribution.jsonl: every prompt of the fixed list
+  ``off_distribution_prompts`` (a cat, a car, a painting...) drawn on the first ``off_distribution_conditions``
+  conditions with the condition's own seed. An overfit ControlNet draws a face whatever the prompt; the
+  evaluate stage turns that into a number (prompt adherence);
+* summary.json; and the grids reports/plots/samples/<model>.png (condition | generated, the first
+  ``grid_size`` conditions) and <model>_off_distribution.png (one row per off-distribution prompt),
+  reports/bench/generate_<model>.json (images/s at batch_size vs batch 1).
+
+The seed of each image comes from its condition id and base.seed only, so images do not depend on the
+batch size or the process split. The output folder is emptied first: the stage is cheap to rerun per
+model. Several GPUs: `accelerate launch -m stages.generate --model NAME` splits the images.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +40,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.generation import (
+    GenerationJob,
+    condition_jobs,
     generate_images,
     load_conditions,
     load_controlnet_pipeline,
+    off_distribution_jobs,
     sample_grid,
-    seed_for,
 )
 from pipelines.reports import provenance, read_model_manifest, write_json
 from pipelines.runtime import Runtime, init_runtime, synchronize
@@ -39,25 +56,38 @@ from stages.config import ParamError, cli, load, positive, read_params, run
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 SPLIT = "validation"
 SD_DIR = Path("data/models/sd_base")
-CONTROLNET_DIR = Path("data/models/controlnet")
 OUT_ROOT = Path("data/generated")
 GRID_DIR = Path("reports/plots/samples")
-BENCH_FILE = Path("reports/bench/generate.json")
+BENCH_DIR = Path("reports/bench")
 GRID_CELL_MAX = 256  # grid cells are min(resolution, this) px, to keep the PNG in git small
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 log = logging.getLogger("stages.generate")
+
+
+def bench_path(model: str) -> Path:
+    """Where the generation benchmark of ``model`` goes."""
+    return BENCH_DIR / f"generate_{model}.json"
+
+
+def model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME``: the entry of ``generate.models`` to use (generate and evaluate take it)."""
+    parser.add_argument("--model", required=True, metavar="NAME",
+                        help="a model name from generate.models in params.yaml (dvc.yaml runs one stage per name)")
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     """The ``generate`` section of params.yaml."""
 
-    model_name: str
+    models: dict[str, str]  # model name -> ControlNet folder (diffusers format with a facecontrol manifest)
     scheduler: Literal["unipc", "ddim", "euler", "dpm"]
     guidance_scale: float
     controlnet_conditioning_scale: float
     negative_prompt: str
     precision: Literal["auto", "fp32", "fp16", "bf16"]
     grid_size: int
+    off_distribution_prompts: list[str]
+    off_distribution_conditions: int
     resolution: int
     num_inference_steps: int
     batch_size: int
@@ -65,11 +95,20 @@ class GenerateConfig:
 
     def validate(self, prefix: str = "generate") -> None:
         """Reject values that cannot work."""
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name):
-            raise ParamError(f"{prefix}.model_name: {self.model_name!r} must be a plain folder name "
-                             "(letters, digits, '.', '_', '-')")
+        if not self.models:
+            raise ParamError(f"{prefix}.models: name at least one model (name: ControlNet folder)")
+        for name, folder in self.models.items():
+            if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+                raise ParamError(f"{prefix}.models: {name!r} must be a plain folder name (letters, digits, '.', '_', '-')")
+            if not isinstance(folder, str) or not folder:
+                raise ParamError(f"{prefix}.models.{name}: expected a folder path, got {folder!r}")
         positive(prefix, grid_size=self.grid_size, resolution=self.resolution,
-                 num_inference_steps=self.num_inference_steps, batch_size=self.batch_size)
+                 num_inference_steps=self.num_inference_steps, batch_size=self.batch_size,
+                 off_distribution_conditions=self.off_distribution_conditions)
+        if not self.off_distribution_prompts or not all(p.strip() for p in self.off_distribution_prompts):
+            raise ParamError(f"{prefix}.off_distribution_prompts: give a non-empty list of non-empty prompts")
+        if len(set(self.off_distribution_prompts)) != len(self.off_distribution_prompts):
+            raise ParamError(f"{prefix}.off_distribution_prompts: prompts must be distinct")
         if self.resolution % 8:
             raise ParamError(f"{prefix}.resolution: must be a multiple of 8, got {self.resolution}")
         if self.max_images is not None and self.max_images <= 0:
@@ -78,26 +117,33 @@ class GenerateConfig:
             if getattr(self, key) < 0:
                 raise ParamError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)!r}")
 
+    def controlnet_dir(self, model: str, prefix: str = "generate") -> Path:
+        """The ControlNet folder of ``model``; a :class:`ParamError` names the known models otherwise."""
+        if model not in self.models:
+            raise ParamError(f"{prefix}.models has no {model!r}; known: {', '.join(self.models)}")
+        return Path(self.models[model])
 
-def _generate(pipe: Any, cfg: GenerateConfig, rows: dict, seeds: list[int]) -> list[Image.Image]:
-    """Images for a batch of dataset rows (a dict of lists) and their seeds."""
-    return generate_images(pipe, rows["conditioning_image"], rows["text"], seeds, cfg.resolution,
+
+def _generate(pipe: Any, cfg: GenerateConfig, ds: Any, jobs: Sequence[GenerationJob]) -> list[Image.Image]:
+    """Images for a batch of jobs (their conditions read from the id-sorted split ``ds``)."""
+    conditions = ds[[j.row for j in jobs]]["conditioning_image"]
+    return generate_images(pipe, conditions, [j.prompt for j in jobs], [j.seed for j in jobs], cfg.resolution,
                            cfg.num_inference_steps, cfg.guidance_scale, cfg.controlnet_conditioning_scale,
                            cfg.negative_prompt)
 
 
-def benchmark(pipe: Any, cfg: GenerateConfig, ds: Any, seeds: list[int], runtime: Runtime) -> dict:
-    """images/s at ``cfg.batch_size`` and at batch 1 on the first min(2*batch_size, N) conditions, side by
-    side with the same pipeline; one warm-up call before each."""
-    n = min(2 * cfg.batch_size, len(ds))
-    rows, seeds = ds[:n], seeds[:n]
+def benchmark(pipe: Any, cfg: GenerateConfig, ds: Any, jobs: Sequence[GenerationJob], runtime: Runtime) -> dict:
+    """images/s at ``cfg.batch_size`` and at batch 1 on the first min(2*batch_size, N) jobs, side by side
+    with the same pipeline; one warm-up call before each."""
+    n = min(2 * cfg.batch_size, len(jobs))
+    jobs = jobs[:n]
     out: dict[str, Any] = {"images": n}
     for bs in dict.fromkeys((cfg.batch_size, 1)):
-        _generate(pipe, cfg, {k: v[:bs] for k, v in rows.items()}, seeds[:bs])  # warm-up
+        _generate(pipe, cfg, ds, jobs[:bs])  # warm-up
         synchronize(runtime.device)
         t0 = time.perf_counter()
         for i in range(0, n, bs):
-            _generate(pipe, cfg, {k: v[i:i + bs] for k, v in rows.items()}, seeds[i:i + bs])
+            _generate(pipe, cfg, ds, jobs[i:i + bs])
         synchronize(runtime.device)
         dt = time.perf_counter() - t0
         out[f"batch_{bs}"] = {"batch_size": bs, "seconds": dt, "images_per_second": n / dt if dt > 0 else None}
@@ -106,76 +152,92 @@ def benchmark(pipe: Any, cfg: GenerateConfig, ds: Any, seeds: list[int], runtime
     return out
 
 
+def _write_jsonl(path: Path, jobs: Sequence[GenerationJob]) -> None:
+    with open(path, "w") as fh:
+        for j in jobs:
+            row = {"file_name": j.file_name, "id": j.id, "prompt": j.prompt, "seed": j.seed}
+            if j.prompt_index is not None:
+                row["prompt_index"] = j.prompt_index
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _grid(ds: Any, jobs: Sequence[GenerationJob], out_dir: Path, cell: int) -> Image.Image:
+    conditions = ds[[j.row for j in jobs]]["conditioning_image"]
+    made = [Image.open(out_dir / j.file_name).convert("RGB") for j in jobs]
+    return sample_grid(conditions, made, len(jobs), cell)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the stage; returns the summary written to ``summary.json`` (empty on non-main processes)."""
+    """Run the stage for ``--model``; returns the summary written to ``summary.json`` (empty on non-main
+    processes)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = cli(__doc__, argv)
+    args = cli(__doc__, argv, model_argument)
     base, cfg = load(GenerateConfig, "generate", read_params(args.params), args.profile)
+    model = args.model
+    controlnet_dir = cfg.controlnet_dir(model)
     runtime = init_runtime(base.device, cfg.precision, base.seed)
-    models = [read_model_manifest(SD_DIR), read_model_manifest(CONTROLNET_DIR)]
+    models = [read_model_manifest(SD_DIR), read_model_manifest(controlnet_dir)]
     standin = any(m.standin for m in models)
     ds = load_conditions(DATASET_DIR, SPLIT)
     count = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     if count == 0:
         raise FileNotFoundError(f"{DATASET_DIR} has no {SPLIT!r} rows to generate from")
     ids: list[str] = list(ds["id"])
-    seeds = [seed_for(i, base.seed) for i in ids]
+    captions: list[str] = list(ds["text"])  # the column alone: no image decoding
+    jobs = condition_jobs(ids[:count], captions[:count], base.seed)
+    off_ids = ids[:min(cfg.off_distribution_conditions, count)]
+    off_jobs = off_distribution_jobs(off_ids, cfg.off_distribution_prompts, base.seed)
 
-    out_dir = OUT_ROOT / cfg.model_name
-    images_dir = out_dir / "images"
+    out_dir = OUT_ROOT / model
     if runtime.is_main_process:
         shutil.rmtree(out_dir, ignore_errors=True)
-        images_dir.mkdir(parents=True)
+        for sub in ("images", "off_distribution"):
+            (out_dir / sub).mkdir(parents=True)
     runtime.wait_for_everyone()
 
-    pipe = load_controlnet_pipeline(SD_DIR, CONTROLNET_DIR, cfg.scheduler, runtime.device, runtime.precision)
-    mine = list(range(runtime.process_index, count, runtime.num_processes))
+    pipe = load_controlnet_pipeline(SD_DIR, controlnet_dir, cfg.scheduler, runtime.device, runtime.precision)
+    mine = (jobs + off_jobs)[runtime.process_index::runtime.num_processes]
     batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     synchronize(runtime.device)
     t0 = time.perf_counter()
-    for idx in tqdm(batches, desc="generate", unit="batch", disable=not runtime.is_main_process):
-        rows = ds[idx]
-        for sid, image in zip(rows["id"], _generate(pipe, cfg, rows, [seeds[i] for i in idx]), strict=True):
-            image.save(images_dir / f"{sid}.png")
+    for batch in tqdm(batches, desc=f"generate {model}", unit="batch", disable=not runtime.is_main_process):
+        for job, image in zip(batch, _generate(pipe, cfg, ds, batch), strict=True):
+            image.save(out_dir / job.file_name)
     synchronize(runtime.device)
     seconds = time.perf_counter() - t0
     runtime.wait_for_everyone()
     if not runtime.is_main_process:
         return {}
 
-    prompts: list[str] = list(ds["text"])  # the column alone: no image decoding
-    with open(out_dir / "metadata.jsonl", "w") as fh:
-        for i in range(count):
-            fh.write(json.dumps({"file_name": f"images/{ids[i]}.png", "id": ids[i], "prompt": prompts[i],
-                                 "seed": seeds[i]}, sort_keys=True) + "\n")
-
-    # the grid: the first grid_size conditions (the images made above, or made now with the same seeds)
-    g = min(cfg.grid_size, len(ds))
-    grid_rows = ds[:g]
-    made = [Image.open(images_dir / f"{i}.png").convert("RGB") for i in grid_rows["id"][:count]]
-    if g > len(made):
-        rest = {k: v[len(made):] for k, v in grid_rows.items()}
-        made += _generate(pipe, cfg, rest, seeds[len(made):g])
-    grid = sample_grid(grid_rows["conditioning_image"], made, g, min(cfg.resolution, GRID_CELL_MAX))
+    _write_jsonl(out_dir / "metadata.jsonl", jobs)
+    _write_jsonl(out_dir / "off_distribution.jsonl", off_jobs)
+    cell = min(cfg.resolution, GRID_CELL_MAX)
     GRID_DIR.mkdir(parents=True, exist_ok=True)
-    grid_path = GRID_DIR / f"{cfg.model_name}.png"
-    grid.save(grid_path)
+    grid_path = GRID_DIR / f"{model}.png"
+    _grid(ds, jobs[:cfg.grid_size], out_dir, cell).save(grid_path)
+    off_grid_path = GRID_DIR / f"{model}_off_distribution.png"
+    _grid(ds, off_jobs[::len(off_ids)], out_dir, cell).save(off_grid_path)  # each prompt on the first condition
 
     note = (f"STAND-IN models ({STANDIN_NOTE}); on {runtime.device.type} at {cfg.resolution} px their speed "
             "says nothing of SD 2.1-base's") if standin else ""
     prov = provenance(models, runtime.describe(), asdict(cfg))
-    bench = {"model_name": cfg.model_name, "device": str(runtime.device), "precision": runtime.precision,
+    bench = {"model_name": model, "device": str(runtime.device), "precision": runtime.precision,
              "resolution": cfg.resolution, "num_inference_steps": cfg.num_inference_steps, "scheduler": cfg.scheduler,
-             "note": note, **benchmark(pipe, cfg, ds.select(range(count)), seeds, runtime), **prov}
-    write_json(BENCH_FILE, bench)
+             "note": note, **benchmark(pipe, cfg, ds, jobs, runtime), **prov}
+    write_json(bench_path(model), bench)
 
-    summary = {"model_name": cfg.model_name, "dataset": str(DATASET_DIR), "split": SPLIT, "count": count,
+    made = len(jobs) + len(off_jobs)
+    summary = {"model_name": model, "controlnet_dir": str(controlnet_dir), "dataset": str(DATASET_DIR),
+               "split": SPLIT, "count": count,
+               "off_distribution": {"prompts": len(cfg.off_distribution_prompts), "conditions": len(off_ids),
+                                    "images": len(off_jobs), "grid": str(off_grid_path)},
                "seconds": seconds, "images_per_second": len(mine) / seconds if seconds > 0 else None,
-               "num_processes": runtime.num_processes, "grid": str(grid_path), "base_seed": base.seed,
-               "note": note, **prov}
+               "images_made": made, "num_processes": runtime.num_processes, "grid": str(grid_path),
+               "base_seed": base.seed, "note": note, **prov}
     write_json(out_dir / "summary.json", summary)
-    log.info("generate: %d images in %s (%.2f images/s on the main process)%s", count, out_dir,
-             summary["images_per_second"] or 0.0, f" ({note})" if note else "")
+    log.info("generate %s: %d condition + %d off-distribution images in %s (%.2f images/s on the main process)%s",
+             model, len(jobs), len(off_jobs), out_dir, summary["images_per_second"] or 0.0,
+             f" ({note})" if note else "")
     return summary
 
 

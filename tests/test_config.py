@@ -30,6 +30,7 @@ STAGES = {
     "headpose_photos": ("stages.headpose_photos", "HeadposePhotosConfig", "headpose_photos"),
     "validate_headpose": ("stages.validate_headpose", "ValidateHeadposeConfig", "validate_headpose"),
     "train_controlnet": ("stages.train_controlnet", "TrainControlNetConfig", "train_controlnet"),
+    "bench_train_controlnet": ("stages.bench_train_controlnet", "BenchTrainConfig", "bench_train_controlnet"),
 }
 # commands that read params but are not DVC stages (side effects): name -> (module, config class, section)
 COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}
@@ -81,12 +82,27 @@ def test_dvc_stages_and_params_sections_match(repo_root):
     assert set(params) == {"base", *SECTIONS, *(section for _, _, section in COMMANDS.values())}
     for name, stage in dvc.items():
         module, _, section = STAGES[name]
+        stage = stage.get("do", stage)  # a foreach stage: its template
         assert f"-m {module}" in stage["cmd"], name
         assert module != "stages.fetch_models" or f"--section {section}" in stage["cmd"], name
         assert section in stage.get("params", []), f"{name} does not depend on its params section {section}"
         for dep in stage.get("deps", []):
-            if not dep.startswith("data/"):
+            if not dep.startswith(("data/", "${")):
                 assert (repo_root / dep).exists(), f"{name}: dep {dep} does not exist"
+
+
+def test_every_generated_model_is_made_by_a_stage(repo_root):
+    """generate/evaluate run once per generate.models entry; each ControlNet folder is some stage's output."""
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    params = C.read_params(repo_root / "params.yaml")
+    for name in ("generate", "evaluate"):
+        assert dvc[name]["foreach"] == "${generate.models}" and "--model ${key}" in dvc[name]["do"]["cmd"]
+    assert "${item}" in dvc["generate"]["do"]["deps"]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in dvc.values() for o in s.get("outs", [])}
+    models = params["generate"]["models"]
+    assert set(models) == {"uncannyfaces_25K", "controlnet_landmarks"}
+    for model, folder in models.items():
+        assert folder in outs, f"generate.models.{model}: {folder} is no stage's output"
 
 
 @pytest.mark.parametrize("profile", C.PROFILES)

@@ -154,16 +154,19 @@ def write_dataset(out):
         w.write(row("000001", 9))
 
 
+MODEL = "uncannyfaces_25K"
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, repo_root):
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["base"].update(profile="sample", device="cpu")
-    params["generate"]["sample"].update(max_images=2)
-    params["generate"]["grid_size"] = 3  # one grid row beyond max_images: generated for the grid only
+    params["generate"]["sample"].update(max_images=2, off_distribution_conditions=5)  # capped at the 2 conditions
+    params["generate"].update(grid_size=3, off_distribution_prompts=["a cat", "a red sports car"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_dataset(tmp_path / S.DATASET_DIR)
     make_standin("sd_base", tmp_path / S.SD_DIR)
-    make_standin("controlnet", tmp_path / S.CONTROLNET_DIR)
+    make_standin("controlnet", tmp_path / params["generate"]["models"][MODEL])
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.chdir(tmp_path)
     return tmp_path, params
@@ -171,11 +174,10 @@ def workdir(tmp_path, monkeypatch, repo_root):
 
 def test_stage_end_to_end(workdir, pipe):
     root, params = workdir
-    name = params["generate"]["model_name"]
-    out = root / "data/generated" / name
+    out = root / "data/generated" / MODEL
     (out / "images").mkdir(parents=True)
     (out / "images/stale.png").write_bytes(b"old")  # emptied first
-    summary = S.main([])
+    summary = S.main(["--model", MODEL])
 
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000003.png", "000005.png"]
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -188,23 +190,47 @@ def test_stage_end_to_end(workdir, pipe):
     expected = gen(pipe, [condition(1)], ["a rendered face 1"], [G.seed_for("000003", 0)])[0]
     assert np.abs(pixels(first) - pixels(expected)).max() <= 1
 
+    # off-distribution: every prompt on every condition, with the condition's own seed
+    off = [json.loads(line) for line in (out / "off_distribution.jsonl").read_text().splitlines()]
+    assert [(m["prompt_index"], m["id"]) for m in off] == [(0, "000003"), (0, "000005"), (1, "000003"), (1, "000005")]
+    assert off[2] == {"file_name": "off_distribution/01_000003.png", "id": "000003", "prompt": "a red sports car",
+                      "prompt_index": 1, "seed": G.seed_for("000003", 0)}
+    car = Image.open(out / off[2]["file_name"])
+    expected = gen(pipe, [condition(1)], ["a red sports car"], [G.seed_for("000003", 0)])[0]
+    assert np.abs(pixels(car) - pixels(expected)).max() <= 1
+    assert np.abs(pixels(car) - pixels(first)).max() > 1  # same condition and seed: the prompt changed it
+
     saved = read_json(out / "summary.json")
     assert saved["count"] == summary["count"] == 2 and saved["uses_standin_models"] is True
+    assert saved["off_distribution"] | {"grid": None} == {"prompts": 2, "conditions": 2, "images": 4, "grid": None}
+    assert saved["images_made"] == 6 and saved["controlnet_dir"] == params["generate"]["models"][MODEL]
     assert saved["models"]["sd_base"]["standin"] and saved["models"]["controlnet"]["standin"]
     assert saved["images_per_second"] > 0 and saved["params"]["scheduler"] == "unipc" and "STAND-IN" in saved["note"]
     assert saved["runtime"]["device"] == "cpu" and saved["runtime"]["precision"] == "fp32"
 
-    grid = Image.open(root / "reports/plots/samples" / f"{name}.png")
-    assert grid.size == (2 * RES, 3 * RES)
+    grid = Image.open(root / "reports/plots/samples" / f"{MODEL}.png")
+    assert grid.size == (2 * RES, 2 * RES)  # grid_size 3, but 2 images were made
     assert np.array_equal(np.asarray(grid)[:RES, RES:], np.asarray(first.convert("RGB")))  # row 0 = 000003
+    off_grid = Image.open(root / "reports/plots/samples" / f"{MODEL}_off_distribution.png")
+    assert off_grid.size == (2 * RES, 2 * RES)  # one row per prompt, on the first condition
+    assert np.array_equal(np.asarray(off_grid)[RES:, RES:], np.asarray(car.convert("RGB")))
 
-    bench = read_json(root / "reports/bench/generate.json")
+    bench = read_json(S.bench_path(MODEL))
     assert bench["images"] == 2 and bench["batch_4"]["batch_size"] == 4 and bench["batch_1"]["images_per_second"] > 0
     assert bench["uses_standin_models"] is True and bench["device"] == "cpu" and "STAND-IN" in bench["note"]
 
 
+def test_unknown_model_is_named(workdir):
+    with pytest.raises(ParamError, match="generate.models has no 'nope'; known: ") as exc:
+        S.main(["--model", "nope"])
+    assert "uncannyfaces_25K" in str(exc.value) and "controlnet_landmarks" in str(exc.value)
+
+
 @pytest.mark.parametrize("key,value", [("scheduler", "plms"), ("batch_size", 0), ("resolution", 60),
-                                       ("model_name", "../x"), ("max_images", 0), ("precision", "fp8")])
+                                       ("models", {"../x": "folder"}), ("models", {}), ("max_images", 0),
+                                       ("precision", "fp8"), ("off_distribution_prompts", []),
+                                       ("off_distribution_prompts", ["a cat", "a cat"]),
+                                       ("off_distribution_conditions", 0)])
 def test_bad_params_are_named(repo_root, key, value):
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     target = params["generate"]["sample"] if key in params["generate"]["sample"] else params["generate"]

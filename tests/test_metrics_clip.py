@@ -84,3 +84,51 @@ def test_clip_score_deterministic_and_validates(clip_dir, pairs):
         C.clip_score(images, texts[:2], clip_dir)
     with pytest.raises(ValueError):
         C.to_chw_uint8(np.zeros((4, 4), np.float32))
+
+
+def test_similarities_diagonal_is_the_per_pair_score(clip_dir, pairs):
+    images, texts = pairs
+    model, processor = C.load_clip(clip_dir)
+    sims = C.clip_similarities(images, texts, (model, processor), batch_size=2)
+    assert sims.shape == (5, 5)
+    np.testing.assert_allclose(np.diag(sims), _manual(model, processor, images, texts).numpy(), atol=1e-3)
+    np.testing.assert_allclose(C.clip_similarities(images[:1], texts, (model, processor))[0], sims[0], atol=1e-4)
+
+
+class ColourCLIP(torch.nn.Module):
+    """A CLIP with known embeddings: an image is its mean normalised colour (R, G, B); a text whose first
+    character is 'r', 'g' or 'f' points along R, G or B ("face": the reference domain is blue)."""
+
+    def __init__(self, processor):
+        super().__init__()
+        self.config = type("Config", (), {"text_config": type("Text", (), {"max_position_embeddings": 77})()})()
+        self.axis = {processor.tokenizer(w)["input_ids"][1]: i for i, w in enumerate(("red", "green", "face"))}
+
+    def get_image_features(self, pixel_values):
+        return pixel_values.mean(dim=(2, 3))
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        out = torch.zeros(len(input_ids), 3)
+        for row, ids in enumerate(input_ids.tolist()):
+            out[row, self.axis[ids[1]]] = 1.0  # ids[0] is BOS
+        return out
+
+
+def test_prompt_adherence_known_answer(clip_dir):
+    _, processor = C.load_clip(clip_dir)
+    model = ColourCLIP(processor)
+    red, blue = (np.zeros((32, 32, 3), np.uint8) for _ in range(2))
+    red[..., 0], blue[..., 2] = 255, 255
+    # red asked for red: closer to its prompt than to the reference "face" (blue); blue asked for green: not
+    out = C.prompt_adherence([red, blue, red], ["red", "green", "red"], "face", (model, processor))
+    assert out["prompt_win_rate"] == pytest.approx(2 / 3) and out["num_images"] == 3
+    assert out["per_prompt"]["red"]["count"] == 2 and out["per_prompt"]["red"]["win_rate"] == 1.0
+    assert out["per_prompt"]["green"]["win_rate"] == 0.0 and out["per_prompt"]["green"]["clip_score"] == 0.0  # negative cos, clamped
+    pixels = processor(images=[C.to_chw_uint8(red)], return_tensors="pt")["pixel_values"].mean(dim=(2, 3))[0]
+    assert out["per_prompt"]["red"]["clip_score"] == pytest.approx(100 * float(pixels[0] / pixels.norm()), rel=1e-4)
+    assert out["clip_score"] == pytest.approx(C.clip_score([red, blue, red], ["red", "green", "red"],
+                                                           model_and_processor=(model, processor)))
+    # the reference itself as the prompt never wins (strictly closer is required)
+    assert C.prompt_adherence([red], ["face"], "face", (model, processor))["prompt_win_rate"] == 0.0
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        C.prompt_adherence([red, blue], ["red"], "face", (model, processor))

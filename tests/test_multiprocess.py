@@ -33,3 +33,43 @@ def test_two_processes_split_the_shards(tmp_path: Path, repo_root: Path) -> None
     assert summary["this_run"]["items_processed"] == 8 and summary["throughput"]["scope"] == "main process"
     assert summary["runtime"]["num_processes"] == 2
     assert proc.stderr.count("INFO stages.caption: caption:") == 1  # the summary is written once
+
+
+def test_two_processes_split_generation(tmp_path: Path, repo_root: Path) -> None:
+    """generate under torchrun: each image made once by one process, the same pixels as one process makes,
+    metadata and summary written once by the main process."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+    from test_generation import MODEL, write_dataset
+
+    from stages import generate as G
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["base"].update(profile="sample", device="cpu")
+    params["generate"]["sample"].update(max_images=3, batch_size=2, off_distribution_conditions=1)
+    params["generate"]["off_distribution_prompts"] = ["a cat", "a red sports car", "a bowl of fruit"]
+    runs = {}
+    for procs in (1, 2):
+        work = tmp_path / f"procs{procs}"
+        work.mkdir()
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        write_dataset(work / G.DATASET_DIR)
+        make_standin("sd_base", work / G.SD_DIR)
+        make_standin("controlnet", work / params["generate"]["models"][MODEL])
+        env = {**os.environ, "PYTHONPATH": str(repo_root), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29519"]
+        proc = subprocess.run([*launch, "-m", "stages.generate", "--model", MODEL], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count("INFO stages.generate: generate") == 1  # the summary is written once
+        runs[procs] = work / "data/generated" / MODEL
+    one, two = runs[1], runs[2]
+    assert read_json(two / "summary.json")["num_processes"] == 2 and read_json(two / "summary.json")["images_made"] == 6
+    for meta in ("metadata.jsonl", "off_distribution.jsonl"):
+        assert (one / meta).read_text() == (two / meta).read_text()
+    files = sorted(p.relative_to(one) for p in one.rglob("*.png"))
+    assert len(files) == 6 and files == sorted(p.relative_to(two) for p in two.rglob("*.png"))
+    for f in files:
+        a, b = (np.asarray(Image.open(r / f), dtype=np.int16) for r in (one, two))
+        assert np.abs(a - b).max() <= 1, f

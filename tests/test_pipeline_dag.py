@@ -82,11 +82,21 @@ def test_second_repro_does_nothing_and_metrics_show(sample_run):
     assert "up to date" in out
     shown = sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], work, env)
     assert "facesynthetics_spiga.json" in shown
+    assert "reports/metrics/uncannyfaces_25K.json" in shown and "reports/metrics/controlnet_landmarks.json" in shown
 
 
-def test_generation_and_metrics_report(sample_run):
+@pytest.mark.parametrize("model, folder", [("uncannyfaces_25K", "data/models/controlnet"),
+                                           ("controlnet_landmarks", "models/controlnet_landmarks")])
+def test_generation_and_metrics_report_per_model(sample_run, model, folder):
+    """The released ControlNet (its stand-in offline) and ours, trained by train_controlnet, go through the
+    same generate/evaluate; each report names the ControlNet it evaluated."""
     work, _, _ = sample_run
-    report = json.loads((work / "reports/metrics/uncannyfaces_25K.json").read_text())
+    report = json.loads((work / f"reports/metrics/{model}.json").read_text())
+    manifest = json.loads((work / folder / "facecontrol_model.json").read_text())
+    assert report["model_name"] == model and report["models"]["controlnet"]["id"] == manifest["id"]
+    assert report["models"]["controlnet"]["revision"] == manifest["revision"]
+    if model == "controlnet_landmarks":
+        assert manifest["id"] == "facecontrol/controlnet_landmarks"
     assert report["num_images"] == 4 and report["uses_standin_models"] is True
     assert report["fid"]["implementation"].startswith("clean-fid") and report["fid"]["mode"] == "clean"
     ref = json.loads((work / "data/metrics/reference/facesynthetics_spiga_validation.json").read_text())
@@ -95,7 +105,13 @@ def test_generation_and_metrics_report(sample_run):
     assert report["control"]["count"] == 4 and report["control"]["landmark_nme"]["count"] == 4
     for role in ("sd_base", "controlnet", "inception", "clip", "spiga"):
         assert report["models"][role]["standin"] is True, role
-    assert (work / "reports/plots/samples/uncannyfaces_25K.png").is_file()
+    prompts = yaml.safe_load((work / "params.yaml").read_text())["generate"]["off_distribution_prompts"]
+    adherence = report["prompt_adherence"]
+    assert adherence["num_images"] == len(prompts) and set(adherence["per_prompt"]) == set(prompts)
+    assert 0.0 <= adherence["prompt_win_rate"] <= 1.0
+    for plot in (f"{model}.png", f"{model}_off_distribution.png"):
+        assert (work / "reports/plots/samples" / plot).is_file()
+    assert json.loads((work / f"reports/bench/generate_{model}.json").read_text())["model_name"] == model
 
 
 def test_coco_humans_dataset(sample_run):
@@ -129,3 +145,27 @@ def test_controlnet_trained_resumable_and_loadable(sample_run):
     loss = (work / "reports/train/controlnet_landmarks/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 1 + 4  # one row per optimizer step
     assert (work / "reports/train/controlnet_landmarks/plots/images/validation/latest.png").is_file()
+
+
+def test_training_benchmark_report(sample_run):
+    work, _, _ = sample_run
+    bench = json.loads((work / "reports/bench/train_controlnet.json").read_text())
+    assert set(bench["configs"]) == {"fp32", "fp32+checkpointing", "bf16", "bf16+checkpointing"}
+    assert bench["ratios"]["fp32"] == {"speed": 1.0, "memory": 1.0} and bench["uses_standin_models"] is True
+    assert all(r["steps_per_second"] > 0 and r["peak_memory_gib"] > 0 for r in bench["configs"].values())
+
+
+def test_longer_training_resumes_from_the_persisted_checkpoint(sample_run):
+    """Raising max_train_steps re-runs the stage under DVC; the checkpoints (persist: true) survive and it
+    continues from the newest. Runs last: it changes the trained model for the rest of the module."""
+    work, env, _ = sample_run
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train_controlnet"]["sample"]["max_train_steps"] = 6
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh([sys.executable, "-m", "dvc", "repro", "train_controlnet"], work, env)
+    summary = json.loads((work / "reports/train/controlnet_landmarks/summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["steps_this_run"] == 2
+    loss = (work / "reports/train/controlnet_landmarks/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in loss[1:]] == ["1", "2", "3", "4", "5", "6"]
+    assert sorted(p.name for p in (work / "models/controlnet_landmarks_checkpoints").iterdir()) == \
+        ["checkpoint-4", "checkpoint-6"]

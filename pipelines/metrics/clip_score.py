@@ -128,3 +128,58 @@ def clip_score(images: Sequence[Any], texts: Sequence[str], model_dir: str | Pat
             batch = [to_chw_uint8(im).to(device) for im in images[i:i + batch_size]]
             metric.update(batch, list(texts[i:i + batch_size]))
         return float(metric.compute())
+
+
+def clip_similarities(images: Sequence[Any], texts: Sequence[str], model_and_processor: tuple[Any, Any],
+                      device: str | torch.device = "cpu", batch_size: int = 32) -> np.ndarray:
+    """``100 * cos(E_image, E_text)`` for every image against every text: an (N_images, N_texts) array.
+
+    The same embeddings as :func:`clip_score` (the processor's image preprocessing; texts padded and cut at
+    the text model's positions), so its diagonal on paired inputs is torchmetrics' per-pair score.
+    """
+    if not images or not texts:
+        raise ValueError("CLIP similarities need at least one image and one text")
+    model, processor = model_and_processor
+    wrapped = model if isinstance(model, TensorFeatures) else TensorFeatures(model)
+    device = torch.device(device)
+    max_len = wrapped.config.text_config.max_position_embeddings
+    with torch.no_grad():
+        tok = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+        txt = wrapped.get_text_features(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+        img = []
+        for i in range(0, len(images), batch_size):
+            batch = [to_chw_uint8(im) for im in images[i:i + batch_size]]
+            pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+            img.append(wrapped.get_image_features(pixels))
+        img_n = torch.nn.functional.normalize(torch.cat(img).float(), dim=-1)
+        txt_n = torch.nn.functional.normalize(txt.float(), dim=-1)
+        return (100 * img_n @ txt_n.T).cpu().numpy().astype(np.float64)
+
+
+def prompt_adherence(images: Sequence[Any], prompts: Sequence[str], reference_text: str,
+                     model_and_processor: tuple[Any, Any], device: str | torch.device = "cpu",
+                     batch_size: int = 32) -> dict:
+    """Does each image show its prompt rather than the training domain? (our rule, for overfitting)
+
+    ``clip_score``: torchmetrics' CLIP score of the (image, prompt) pairs, overall and per prompt.
+    ``prompt_win_rate``: the share of images more similar (CLIP cosine) to their own prompt than to
+    ``reference_text``, a description of the training domain (e.g. "a photo of a person's face"). A model
+    that turns "a cat" into a face loses that comparison, so overfitting shows as a falling rate.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    texts = list(dict.fromkeys(prompts))
+    sims = clip_similarities(images, [*texts, reference_text], model_and_processor, device, batch_size)
+    own = np.array([sims[i, texts.index(p)] for i, p in enumerate(prompts)])
+    wins = own > sims[:, -1]
+    per_prompt = {}
+    for t in texts:
+        at = [i for i, p in enumerate(prompts) if p == t]
+        per_prompt[t] = {"count": len(at), "win_rate": float(wins[at].mean()),
+                         "clip_score": clip_score([images[i] for i in at], [t] * len(at), device=device,
+                                                  batch_size=batch_size, model_and_processor=model_and_processor)}
+    return {"num_images": len(images), "reference_text": reference_text,
+            "clip_score": clip_score(images, prompts, device=device, batch_size=batch_size,
+                                     model_and_processor=model_and_processor),
+            "prompt_win_rate": float(wins.mean()), "per_prompt": per_prompt,
+            "rule": "an image wins when 100*cos(image, its prompt) > 100*cos(image, reference_text) under CLIP"}
