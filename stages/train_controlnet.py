@@ -40,6 +40,7 @@ SUMMARY_FILE = LOG_DIR / "summary.json"
 EVALUATION_NOTE = ("Its evaluation beside the released multimodalart/uncannyfaces_25K (FID, KID, IS, CLIP score, "
                    "off-distribution prompt adherence, landmark NME, face detection, pose error) is the facecontrol "
                    "report reports/metrics/controlnet_landmarks.json (stage evaluate@controlnet_landmarks).")
+OVERFIT_EPOCHS = 3  # the seed: three epochs of FaceSynthetics overfit ("a cat" still gave a person)
 log = logging.getLogger("stages.train_controlnet")
 
 
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
                      source=f"trained by stages.train_controlnet from {sd_info.id} on {DATASET_DIR}",
                      standin=sd_info.standin, note=note)
     write_model_manifest(OUTPUT_DIR, info)
+    if summary["epochs"] > OVERFIT_EPOCHS:
+        log.warning("train_controlnet: %d steps x %d images = %.1f epochs of %d training rows; the seed's model "
+                    "overfit at %d epochs (prompts ignored): check the off-distribution prompt win rate",
+                    summary["global_step"], cfg.train_batch_size * cfg.gradient_accumulation_steps
+                    * summary["num_processes"], summary["epochs"], summary["train_rows"], OVERFIT_EPOCHS)
     summary = {**summary, "note": note, **provenance([sd_info], {"device": summary["device"]}, asdict(cfg))}
     write_json(SUMMARY_FILE, summary)
     log.info("train_controlnet: %d steps (%s steps/s this run), model in %s%s", summary["global_step"],

@@ -124,9 +124,28 @@ def test_real_profile_points_at_the_real_sources(repo_root):
     fetch = C.section(params, "fetch_facesynthetics", "real")
     assert fetch["source"] == "official"
     assert fetch["url"].format(subset=fetch["subset"]) == \
-        "https://facesyntheticspubwedata.blob.core.windows.net/iccv-2021/dataset_1000.zip"
+        "https://facesyntheticspubwedata.blob.core.windows.net/iccv-2021/dataset_100000.zip"
     models = C.section(params, "fetch_models", "real")
     assert models["blip"] == {"source": "hub", "id": "Salesforce/blip-image-captioning-large", "revision": "main"}
     assert models["spiga"]["id"] == "spiga_300wpublic.pt" and "1YrbScfMzrAAWMJQYgxdLZ9l57nmTdpQC" in models["spiga"]["url"]
     from spiga.inference.config import MODELS_URL  # the official URL, as the spiga package ships it
     assert models["spiga"]["url"] == MODELS_URL["300wpublic"]
+
+
+def test_real_profile_sections_agree(repo_root):
+    """The real sections fit together: the held-out validation leaves training rows, the recipe makes about
+    one epoch of them (the seed: three epochs overfit), and generation has the conditions it asks for."""
+    from pipelines.sources.facesynthetics import SUBSET_SIZES
+    from pipelines.training.controlnet import epochs_seen
+    from stages.train_controlnet import OVERFIT_EPOCHS, TrainControlNetConfig
+
+    params = C.read_params(repo_root / "params.yaml")
+    faces = SUBSET_SIZES[C.section(params, "fetch_facesynthetics", "real")["subset"]]
+    validation = C.section(params, "assemble", "real")["validation_count"]
+    base, train = C.load(TrainControlNetConfig, "train_controlnet", params, "real")
+    train_rows = faces - validation
+    assert train_rows > 10 * validation
+    epochs = epochs_seen(train.max_train_steps, train.settings(base.seed), 1, train_rows)
+    assert 0.5 < epochs < OVERFIT_EPOCHS
+    generate = C.section(params, "generate", "real")
+    assert generate["max_images"] <= validation and generate["off_distribution_conditions"] <= validation

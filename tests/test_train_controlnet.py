@@ -323,6 +323,7 @@ def test_stage_end_to_end(workdir):
     saved = read_json(S.SUMMARY_FILE)
     assert saved["global_step"] == summary["global_step"] == 4 and saved["uses_standin_models"] is True
     assert saved["steps_per_second"] > 0 and saved["params"]["learning_rate"] == 1e-4
+    assert saved["train_rows"] == 4 and saved["epochs"] == pytest.approx(4 * 2 / 4)  # 4 steps x batch 2
 
     # rerun after it finished: resumes at step 4, trains nothing, saves the same model again
     before = weights(model)

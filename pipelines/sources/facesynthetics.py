@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 NUM_SOURCE_LANDMARKS = 70  # iBUG 68 + 2 pupils
+#: The official zips and the samples each holds (the names of the Microsoft FaceSynthetics release).
+SUBSET_SIZES = {"dataset_100": 100, "dataset_1000": 1000, "dataset_100000": 100_000}
 _ID = re.compile(r"^(\d{6})(?:_seg\.png|_ldmks\.txt|\.png)$")
 
 # Stable skip reasons (they appear in reports; do not rename lightly).
