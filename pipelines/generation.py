@@ -240,10 +240,12 @@ def generate_images(pipe: Any, conditions: Sequence[Image.Image], prompts: Seque
     return list(out.images)
 
 
-def sample_grid(conditions: Sequence[Image.Image], generated: Sequence[Image.Image], n: int, cell: int) -> Image.Image:
+def sample_grid(conditions: Sequence[Image.Image], generated: Sequence[Image.Image], n: int, cell: int,
+                labels: Sequence[str] | None = None) -> Image.Image:
     """``n`` rows of (condition | generated), each cell ``cell`` px: an image ``2*cell`` wide, ``n*cell`` high.
 
-    Fewer pairs than ``n`` give fewer rows.
+    Fewer pairs than ``n`` give fewer rows. ``labels`` (one per row, e.g. the prompt) are written in white
+    at the bottom of the condition cell, wrapped to its width.
     """
     rows = min(n, len(conditions), len(generated))
     if rows < 1:
@@ -252,7 +254,24 @@ def sample_grid(conditions: Sequence[Image.Image], generated: Sequence[Image.Ima
     for r in range(rows):
         for c, image in enumerate((conditions[r], generated[r])):
             grid.paste(image.convert("RGB").resize((cell, cell), Image.LANCZOS), (c * cell, r * cell))
+    if labels is not None:
+        _write_labels(grid, list(labels)[:rows], cell)
     return grid
+
+
+def _write_labels(grid: Image.Image, labels: list[str], cell: int) -> None:
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    size = max(8, cell // 16)
+    font = ImageFont.load_default(size)
+    draw = ImageDraw.Draw(grid)
+    width = max(8, int(cell / (0.6 * size)))  # characters per line of a cell
+    for r, label in enumerate(labels):
+        text = "\n".join(textwrap.wrap(label, width)[:3])
+        box = draw.multiline_textbbox((0, 0), text, font=font)
+        draw.multiline_text((2, (r + 1) * cell - (box[3] - box[1]) - 4), text, fill=(255, 255, 255), font=font)
 
 
 # --- inputs ------------------------------------------------------------------------------------------------

@@ -161,10 +161,10 @@ def _write_jsonl(path: Path, jobs: Sequence[GenerationJob]) -> None:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def _grid(ds: Any, jobs: Sequence[GenerationJob], out_dir: Path, cell: int) -> Image.Image:
+def _grid(ds: Any, jobs: Sequence[GenerationJob], out_dir: Path, cell: int, labelled: bool = False) -> Image.Image:
     conditions = ds[[j.row for j in jobs]]["conditioning_image"]
     made = [Image.open(out_dir / j.file_name).convert("RGB") for j in jobs]
-    return sample_grid(conditions, made, len(jobs), cell)
+    return sample_grid(conditions, made, len(jobs), cell, [j.prompt for j in jobs] if labelled else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid_path = GRID_DIR / f"{model}.png"
     _grid(ds, jobs[:cfg.grid_size], out_dir, cell).save(grid_path)
     off_grid_path = GRID_DIR / f"{model}_off_distribution.png"
-    _grid(ds, off_jobs[::len(off_ids)], out_dir, cell).save(off_grid_path)  # each prompt on the first condition
+    _grid(ds, off_jobs[::len(off_ids)], out_dir, cell, labelled=True).save(off_grid_path)  # each prompt, 1st condition
 
     note = (f"STAND-IN models ({STANDIN_NOTE}); on {runtime.device.type} at {cfg.resolution} px their speed "
             "says nothing of SD 2.1-base's") if standin else ""

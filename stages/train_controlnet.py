@@ -60,6 +60,7 @@ class TrainControlNetConfig:
     checkpoints_total_limit: int | None
     validation_steps: int
     num_validation_images: int
+    validation_extra_prompts: list[str]  # more grid rows: these prompts on the first validation condition
     validation_inference_steps: int
     validation_guidance_scale: float
     validation_scheduler: Literal["unipc", "ddim", "euler", "dpm"]
@@ -91,6 +92,7 @@ class TrainControlNetConfig:
         """The library's settings for this section and ``base.seed``."""
         fields = asdict(self)
         fields.pop("pretrained_model")
+        fields["validation_extra_prompts"] = tuple(fields["validation_extra_prompts"])
         return TrainSettings(seed=seed, **fields)
 
 

@@ -124,6 +124,11 @@ def test_sample_grid_layout():
     assert G.sample_grid(conds, gens, n=1, cell=8).size == (16, 8)
     with pytest.raises(ValueError):
         G.sample_grid([], [], n=2, cell=8)
+    labelled = np.asarray(G.sample_grid(conds, gens, n=2, cell=64, labels=["a cat", ""]))
+    plain = np.asarray(G.sample_grid(conds, gens, n=2, cell=64))
+    changed = np.argwhere((labelled != plain).any(axis=2))
+    assert len(changed) and changed[:, 1].max() < 64 and changed[:, 0].min() >= 32  # bottom of row 0's condition
+    assert changed[:, 0].max() < 64  # the empty label of row 1 writes nothing
 
 
 def test_seed_for_known_answers():

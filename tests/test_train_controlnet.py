@@ -28,6 +28,7 @@ train_controlnet:
   checkpoints_total_limit: 2
   validation_guidance_scale: 7.5
   validation_scheduler: unipc
+  validation_extra_prompts: [a cat, a red sports car]
   proportion_empty_prompts: 0.0
   lr_scheduler: constant
   lr_warmup_steps: 0
@@ -320,6 +321,13 @@ def test_stage_end_to_end(workdir):
     assert [v for _, v in T.read_tsv(logs / "plots/metrics/train/lr.tsv")] == [1e-4] * 4
     assert read_json(logs / "metrics.json")["step"] == 4
     assert sorted(p.name for p in (logs / "plots/images/validation").iterdir()) == ["latest.png", "step-2.png", "step-4.png"]
+    # rows: the 2 validation conditions with their captions, then the 2 extra prompts on the first condition
+    grid = np.asarray(Image.open(logs / "plots/images/validation/latest.png"))
+    assert grid.shape == (4 * RES, 2 * RES, 3)
+    top = RES // 3  # above the prompt written at the bottom of an extra row's condition
+    assert np.array_equal(grid[2 * RES:2 * RES + top, :RES], grid[:top, :RES])  # the same condition...
+    assert not np.array_equal(grid[3 * RES - top:3 * RES, :RES], grid[RES - top:RES, :RES])  # ...labelled
+    assert not np.array_equal(grid[2 * RES:3 * RES, RES:], grid[:RES, RES:])  # ...and seed, another prompt
     saved = read_json(S.SUMMARY_FILE)
     assert saved["global_step"] == summary["global_step"] == 4 and saved["uses_standin_models"] is True
     assert saved["steps_per_second"] > 0 and saved["params"]["learning_rate"] == 1e-4

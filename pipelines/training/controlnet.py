@@ -71,6 +71,7 @@ class TrainSettings:
     checkpoints_total_limit: int | None = 2
     validation_steps: int = 5000
     num_validation_images: int = 4
+    validation_extra_prompts: tuple[str, ...] = ()  # drawn on the first validation condition, one grid row each
     validation_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
     validation_scheduler: str = "unipc"
@@ -398,7 +399,9 @@ def validation_grid(c: Components, controlnet: Any, conditions: Sequence[Image.I
     images = generate_images(pipe, conditions, prompts, seeds, s.resolution, s.validation_inference_steps,
                              s.validation_guidance_scale)
     controlnet.train(was_training)
-    return sample_grid(conditions, images, len(images), min(s.resolution, GRID_CELL_MAX))
+    extra = len(s.validation_extra_prompts)  # label the extra prompts' rows (the last ones)
+    labels = [""] * (len(images) - extra) + list(prompts[len(prompts) - extra:]) if extra else None
+    return sample_grid(conditions, images, len(images), min(s.resolution, GRID_CELL_MAX), labels)
 
 
 def write_model_card(out_dir: str | Path, *, base_model: str, dataset: str, settings: TrainSettings, steps: int,
@@ -541,7 +544,10 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
     if accelerator.is_main_process and s.num_validation_images > 0:
         vds = load_conditions(dataset_dir, "validation", s.num_validation_images, cache_dir)
         if len(vds):
-            val_rows = (list(vds["conditioning_image"]), list(vds["text"]), [seed_for(i, s.seed) for i in vds["id"]])
+            conditions, prompts = list(vds["conditioning_image"]), list(vds["text"])
+            seeds = [seed_for(i, s.seed) for i in vds["id"]]
+            extra = list(s.validation_extra_prompts)  # e.g. "a cat": an overfitting model draws a face anyway
+            val_rows = (conditions + conditions[:1] * len(extra), prompts + extra, seeds + seeds[:1] * len(extra))
     images_dir = log_dir / IMAGES_DIR
 
     def validate(step: int) -> None:
