@@ -18,12 +18,12 @@ import numpy as np
 from PIL import Image
 
 from pipelines.faces.spiga import SpigaAnnotator
+from pipelines.generation import METADATA, OFF_DISTRIBUTION_METADATA
 from pipelines.metrics import fid as F
 from pipelines.metrics.clip_score import clip_score, load_clip, prompt_adherence
 from pipelines.metrics.control import control_fidelity, make_detector, scale_landmarks
 from pipelines.reports import ModelInfo, read_json
 
-OFF_DISTRIBUTION = "off_distribution.jsonl"  # the generate stage's fixed off-distribution prompts
 CONDITION_FRAME = 512  # the dataset's landmarks are in the 512 px frame of its images
 SMALL_N_NOTE = ("FID is biased upward at small n (it depends on n; compare FID only at equal n, and prefer KID, "
                 "which is unbiased, below a few thousand images)")
@@ -47,7 +47,7 @@ class EvaluationOptions:
     off_distribution_reference_text: str = "a photo of a person's face"
 
 
-def read_jobs(generated_dir: Path, metadata: str = "metadata.jsonl") -> tuple[list[str], list[str], list[Path]]:
+def read_jobs(generated_dir: Path, metadata: str = METADATA) -> tuple[list[str], list[str], list[Path]]:
     """ids, prompts and image paths listed in a generate stage's ``metadata`` file (its order)."""
     meta = generated_dir / metadata
     if not meta.is_file():
@@ -104,8 +104,8 @@ def evaluate_generated(generated_dir: Path, dataset_dir: Path, split: str, refer
     clip = clip_score(images, prompts, batch_size=opts.batch_size, device=device, model_and_processor=clip_model)
     timings["clip_images_per_s"] = n / (time.perf_counter() - start)
     adherence = None
-    if (generated_dir / OFF_DISTRIBUTION).is_file():
-        _, off_prompts, off_paths = read_jobs(generated_dir, OFF_DISTRIBUTION)
+    if (generated_dir / OFF_DISTRIBUTION_METADATA).is_file():
+        _, off_prompts, off_paths = read_jobs(generated_dir, OFF_DISTRIBUTION_METADATA)
         if off_paths:
             adherence = prompt_adherence([Image.open(p).convert("RGB") for p in off_paths], off_prompts,
                                          opts.off_distribution_reference_text, clip_model, device, opts.batch_size)

@@ -8,6 +8,7 @@ classes at tiny size, random weights): nothing is downloaded. Every image depend
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,21 @@ class GenerationJob:
     prompt: str
     seed: int
     prompt_index: int | None = None  # off-distribution jobs: the prompt's position in the fixed list
+
+
+#: Files a generated set lists its images in (under ``data/generated/<model>/``), one JSON object a line.
+METADATA = "metadata.jsonl"  # the conditions with their own captions
+OFF_DISTRIBUTION_METADATA = "off_distribution.jsonl"  # the fixed off-distribution prompts
+
+
+def write_jobs(path: str | Path, jobs: Sequence[GenerationJob]) -> None:
+    """One line per job: ``file_name``, ``id``, ``prompt``, ``seed`` (and ``prompt_index`` when set)."""
+    with open(path, "w") as fh:
+        for j in jobs:
+            row = {"file_name": j.file_name, "id": j.id, "prompt": j.prompt, "seed": j.seed}
+            if j.prompt_index is not None:
+                row["prompt_index"] = j.prompt_index
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def condition_jobs(ids: Sequence[str], captions: Sequence[str], base_seed: int) -> list[GenerationJob]:

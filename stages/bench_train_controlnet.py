@@ -23,13 +23,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from pipelines.errors import PipelineError
 from pipelines.reports import provenance, read_model_manifest, write_json
 from pipelines.training.bench import BASELINE, config_name, run_matrix
 from stages.config import ParamError, cli, load, positive, read_params, run
-from stages.train_controlnet import DATASET_DIR, TrainControlNetConfig
+from stages.train_controlnet import DATASET_DIR, TrainControlNetConfig, trains_on_cpu
 
 REPORT = Path("reports/bench/train_controlnet.json")
 STANDIN_WARNING = "stand-in tiny UNet: speed says nothing about SD 2.1-base"
@@ -70,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = read_params(args.params)
     base, cfg = load(BenchTrainConfig, "bench_train_controlnet", params, args.profile)
     _, train = load(TrainControlNetConfig, "train_controlnet", params, args.profile)
-    if base.device not in ("auto", "cpu") and not base.device.startswith("cuda"):
-        raise ParamError(f"base.device: {base.device!r}: bench_train_controlnet runs on cpu or cuda (via accelerate)")
+    on_cpu = trains_on_cpu(base.device, "bench_train_controlnet")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PipelineError("bench_train_controlnet measures one process per configuration: start it with python, "
                             "not accelerate launch or torchrun")
@@ -80,7 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not (DATASET_DIR / "data").is_dir():
         raise FileNotFoundError(f"{DATASET_DIR} holds no dataset (no data/ folder): run the assemble stage first")
     cpu = base.device == "cpu"
-    on_cpu = cpu or not torch.cuda.is_available()
     notes = [STANDIN_WARNING] if sd_info.standin else []
     precisions = list(cfg.mixed_precision)
     if on_cpu:

@@ -26,7 +26,6 @@ model. Several GPUs: `accelerate launch -m stages.generate --model NAME` splits 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import shutil
@@ -40,6 +39,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.generation import (
+    METADATA,
+    OFF_DISTRIBUTION_METADATA,
     GenerationJob,
     condition_jobs,
     generate_images,
@@ -47,6 +48,7 @@ from pipelines.generation import (
     load_controlnet_pipeline,
     off_distribution_jobs,
     sample_grid,
+    write_jobs,
 )
 from pipelines.reports import provenance, read_model_manifest, write_json
 from pipelines.runtime import Runtime, init_runtime, synchronize
@@ -152,15 +154,6 @@ def benchmark(pipe: Any, cfg: GenerateConfig, ds: Any, jobs: Sequence[Generation
     return out
 
 
-def _write_jsonl(path: Path, jobs: Sequence[GenerationJob]) -> None:
-    with open(path, "w") as fh:
-        for j in jobs:
-            row = {"file_name": j.file_name, "id": j.id, "prompt": j.prompt, "seed": j.seed}
-            if j.prompt_index is not None:
-                row["prompt_index"] = j.prompt_index
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-
-
 def _grid(ds: Any, jobs: Sequence[GenerationJob], out_dir: Path, cell: int, labelled: bool = False) -> Image.Image:
     conditions = ds[[j.row for j in jobs]]["conditioning_image"]
     made = [Image.open(out_dir / j.file_name).convert("RGB") for j in jobs]
@@ -209,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not runtime.is_main_process:
         return {}
 
-    _write_jsonl(out_dir / "metadata.jsonl", jobs)
-    _write_jsonl(out_dir / "off_distribution.jsonl", off_jobs)
+    write_jobs(out_dir / METADATA, jobs)
+    write_jobs(out_dir / OFF_DISTRIBUTION_METADATA, off_jobs)
     cell = min(cfg.resolution, GRID_CELL_MAX)
     GRID_DIR.mkdir(parents=True, exist_ok=True)
     grid_path = GRID_DIR / f"{model}.png"

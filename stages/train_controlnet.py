@@ -96,6 +96,14 @@ class TrainControlNetConfig:
         return TrainSettings(seed=seed, **fields)
 
 
+def trains_on_cpu(device: str, stage: str) -> bool:
+    """Whether the training loop will run on the CPU for ``base.device`` (``cpu``, or ``auto`` without CUDA);
+    a :class:`ParamError` names ``stage`` for a device accelerate cannot train on."""
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ParamError(f"base.device: {device!r}: {stage} runs on cpu or cuda (via accelerate)")
+    return device == "cpu" or not torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run (or resume) the training; returns the summary written to ``summary.json``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -105,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     sd_info = read_model_manifest(sd_dir)
     if not (DATASET_DIR / "data").is_dir():
         raise FileNotFoundError(f"{DATASET_DIR} holds no dataset (no data/ folder): run the assemble stage first")
-    if base.device not in ("auto", "cpu") and not base.device.startswith("cuda"):
-        raise ParamError(f"base.device: {base.device!r}: train_controlnet runs on cpu or cuda (via accelerate)")
-    if cfg.mixed_precision == "fp16" and (base.device == "cpu" or not torch.cuda.is_available()):
+    if cfg.mixed_precision == "fp16" and trains_on_cpu(base.device, "train_controlnet"):
         raise ParamError("train_controlnet.mixed_precision: fp16 needs a CUDA GPU (accelerate autocasts no fp16 on the "
                          "CPU, and the half frozen parts would meet the fp32 ControlNet); use bf16 or no on the CPU")
     settings = cfg.settings(base.seed)
@@ -123,10 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
                      standin=sd_info.standin, note=note)
     write_model_manifest(OUTPUT_DIR, info)
     if summary["epochs"] > OVERFIT_EPOCHS:
-        log.warning("train_controlnet: %d steps x %d images = %.1f epochs of %d training rows; the seed's model "
-                    "overfit at %d epochs (prompts ignored): check the off-distribution prompt win rate",
-                    summary["global_step"], cfg.train_batch_size * cfg.gradient_accumulation_steps
-                    * summary["num_processes"], summary["epochs"], summary["train_rows"], OVERFIT_EPOCHS)
+        log.warning("train_controlnet: %d steps = %.1f epochs of %d training rows; the seed's model overfit at %d "
+                    "epochs (prompts ignored): check the off-distribution prompt win rate",
+                    summary["global_step"], summary["epochs"], summary["train_rows"], OVERFIT_EPOCHS)
     summary = {**summary, "note": note, **provenance([sd_info], {"device": summary["device"]}, asdict(cfg))}
     write_json(SUMMARY_FILE, summary)
     log.info("train_controlnet: %d steps (%s steps/s this run), model in %s%s", summary["global_step"],

@@ -385,8 +385,10 @@ def validation_pipeline(c: Components, controlnet: Any, scheduler: str) -> Any:
 
 
 def validation_grid(c: Components, controlnet: Any, conditions: Sequence[Image.Image], prompts: Sequence[str],
-                    seeds: Sequence[int], s: TrainSettings, weight_dtype: torch.dtype) -> Image.Image:
-    """(condition | generated) rows for the fixed validation conditions, prompts and seeds."""
+                    seeds: Sequence[int], labels: Sequence[str] | None, s: TrainSettings,
+                    weight_dtype: torch.dtype) -> Image.Image:
+    """(condition | generated) rows for the fixed validation conditions, prompts and seeds; ``labels`` (one
+    per row, or None) are written on the rows (see :func:`~pipelines.generation.sample_grid`)."""
     if weight_dtype != torch.float32:
         # a half copy of the ControlNet, so the whole pipeline runs in one dtype (CPU autocast leaves
         # group_norm mixed, and accelerate's fp32 output wrapper would hand fp32 residuals to the half UNet)
@@ -399,8 +401,6 @@ def validation_grid(c: Components, controlnet: Any, conditions: Sequence[Image.I
     images = generate_images(pipe, conditions, prompts, seeds, s.resolution, s.validation_inference_steps,
                              s.validation_guidance_scale)
     controlnet.train(was_training)
-    extra = len(s.validation_extra_prompts)  # label the extra prompts' rows (the last ones)
-    labels = [""] * (len(images) - extra) + list(prompts[len(prompts) - extra:]) if extra else None
     return sample_grid(conditions, images, len(images), min(s.resolution, GRID_CELL_MAX), labels)
 
 
@@ -547,7 +547,8 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
             conditions, prompts = list(vds["conditioning_image"]), list(vds["text"])
             seeds = [seed_for(i, s.seed) for i in vds["id"]]
             extra = list(s.validation_extra_prompts)  # e.g. "a cat": an overfitting model draws a face anyway
-            val_rows = (conditions + conditions[:1] * len(extra), prompts + extra, seeds + seeds[:1] * len(extra))
+            val_rows = (conditions + conditions[:1] * len(extra), prompts + extra, seeds + seeds[:1] * len(extra),
+                        [""] * len(prompts) + extra if extra else None)  # the extra rows are labelled
     images_dir = log_dir / IMAGES_DIR
 
     def validate(step: int) -> None:
