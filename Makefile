@@ -10,17 +10,28 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 SPIGA_VERSION := 0.0.6
 
-.PHONY: demo test real lint bench publish env clean-env help
+.PHONY: demo test real lint bench publish env lock clean-env help
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ -/'
 
-$(BIN)/.installed: pyproject.toml
+# The environment comes from requirements.lock (every package pinned with its hashes), never from a fresh
+# resolution, so every machine gets the versions that were tested and the committed dvc.lock reproduces.
+$(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools<81" wheel
-	$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(BIN)/python -m pip install --quiet --no-deps spiga==$(SPIGA_VERSION) 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -c "import torch, torchvision, transformers, datasets, spiga.models.spiga, dvc"
 	touch $@
+
+# torch at the release the project's CI machines have on disk (no multi-GB download there); the rest as resolved.
+UV ?= $(BIN)/uv
+LOCK_PINS := torch==2.14.1 torchvision==0.29.1
+lock: $(BIN)/.installed  ## refresh requirements.lock after editing pyproject.toml (make lock ARGS=--upgrade: newest of everything)
+	printf '%s\n' $(LOCK_PINS) > $(VENV)/lock-pins.txt
+	$(UV) pip compile pyproject.toml --extra dev --universal --python-version 3.10 --generate-hashes \
+	  --constraints $(VENV)/lock-pins.txt --custom-compile-command "make lock" --quiet $(ARGS) -o requirements.lock
+	grep -q "^spiga==" requirements.lock || { echo "# spiga: installed without its dependencies (see README)"; \
+	  echo "spiga==$(SPIGA_VERSION)" | $(UV) pip compile - --no-deps --universal --generate-hashes --no-header --quiet; } >> requirements.lock
 
 env: $(BIN)/.installed  ## create the virtual environment (.venv)
 
