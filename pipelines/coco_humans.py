@@ -284,6 +284,11 @@ def image_row(img: dict, anns: list[dict], captions: list[str], image: Any, face
 # ---------------------------------------------------------------- assembly
 
 SPLIT_NAMES = {"train": "train", "val": "validation"}  # COCO split -> dataset split
+#: What reports/datasets/coco_humans.json holds (:func:`pipelines.reports.split_report`); the removals per rule,
+#: the rules, reference counts, image fetch, data source and params go to its .provenance.json
+REPORT_METRICS = ("rows", "face_boxes", "skipped",
+                  *(f"selection.{s}.{k}" for s in SPLIT_NAMES for k in ("num_images", "kept")),
+                  "uses_embedded_sample", "uses_standin_models")
 
 
 def _card_body(report: dict) -> str:

@@ -25,6 +25,17 @@ from pipelines.metrics.control import control_fidelity, make_detector, scale_lan
 from pipelines.reports import ModelInfo, read_json
 
 CONDITION_FRAME = 512  # the dataset's landmarks are in the 512 px frame of its images
+#: What reports/metrics/<model>.json holds (:func:`pipelines.reports.split_report`): the numbers two models are
+#: compared on; implementation, mode, feature layer, reference hash, settings, per-prompt breakdown, models
+#: and packages go to its .provenance.json (throughput to reports/bench/evaluate_<model>.json)
+REPORT_METRICS = (
+    "num_images", "fid.value", "fid.num_reference", "kid.value", "inception_score.mean", "inception_score.std",
+    "clip_score.value", "prompt_adherence.clip_score", "prompt_adherence.prompt_win_rate",
+    "prompt_adherence.num_images", "control.count", "control.face_detection_rate", "control.spiga_nonfinite",
+    "control.landmark_nme.count", "control.landmark_nme.mean", "control.landmark_nme.median",
+    "control.landmark_nme.p90", "control.landmark_nme.failure_rate", "control.pose_error_deg",
+    "uses_standin_models",
+)
 SMALL_N_NOTE = ("FID is biased upward at small n (it depends on n; compare FID only at equal n, and prefer KID, "
                 "which is unbiased, below a few thousand images)")
 

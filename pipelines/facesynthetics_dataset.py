@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipelines.faces.draw import draw_landmarks
 from pipelines.hfdata import ParquetShardWriter, facesynthetics_features, write_card
 from pipelines.metrics.landmarks import nme, summarize_nme
-from pipelines.reports import ModelInfo, provenance, read_json, write_json
+from pipelines.reports import ModelInfo, provenance, read_json, split_report, write_report
 from pipelines.shards import read_shards, read_summary
 from pipelines.sources.facesynthetics import (
     CORRUPT_IMAGE,
@@ -40,6 +40,11 @@ from pipelines.sources.facesynthetics import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+#: What the dataset report's metrics file holds (:func:`pipelines.reports.split_report`); the rest (NME label,
+#: models, packages, params, runtime, data source, options, flags) goes to its .provenance.json
+REPORT_METRICS = ("rows", "skipped", "skipped_total", "validation_count_requested", "validation_count_capped",
+                  "landmark_nme.count", "landmark_nme.mean", "landmark_nme.median", "landmark_nme.p90",
+                  "landmark_nme.failure_rate", "assemble_images_per_s", "uses_standin_models", "uses_embedded_sample")
 NME_LABEL = ("SPIGA vs the sample's own first 68 points, inter-ocular (outer eye corners) normalisation")
 TRAIN_FLAGS = ("--dataset_name={dir} --image_column=image --conditioning_image_column=conditioning_image "
                "--caption_column=text")
@@ -176,10 +181,6 @@ def _model(summary: dict) -> ModelInfo | None:
     return ModelInfo(**m) if isinstance(m, dict) else None
 
 
-def _rate(summary: dict) -> Any:
-    return (summary.get("throughput") or {}).get("items_per_second")
-
-
 def _card_body(report: dict, out_dir: Path, models: list[ModelInfo], source: dict) -> str:
     """The card's prose, generated from the report's numbers."""
     rows, nme_block = report["rows"], report["landmark_nme"]
@@ -255,7 +256,8 @@ def _card_body(report: dict, out_dir: Path, models: list[ModelInfo], source: dic
 
 def assemble_dataset(opts: AssemblyOptions, raw_dir: Path, annotations_dir: Path, captions_dir: Path, out_dir: Path,
                      report_path: Path, params: dict | None = None) -> dict:
-    """Build the dataset under ``out_dir`` and its report at ``report_path``; return the report.
+    """Build the dataset under ``out_dir`` and its report at ``report_path`` (the numbers of
+    ``REPORT_METRICS``; everything else in its ``.provenance.json``); return the whole report.
 
     ``params`` (the stage's parameters) are recorded in the report's provenance.
     """
@@ -330,11 +332,9 @@ def assemble_dataset(opts: AssemblyOptions, raw_dir: Path, annotations_dir: Path
         "skipped": dict(sorted(skipped.items())),
         "skipped_total": int(sum(skipped.values())),
         "landmark_nme": {"label": NME_LABEL, **summarize_nme(per_face, cfg.nme_failure_threshold)},
-        "throughput_images_per_s": {"annotate": _rate(ann_summary), "caption": _rate(cap_summary),
-                                    "assemble": total / seconds if seconds > 0 else None},
-        "provenance": provenance(models, runtime={"annotate": ann_summary.get("runtime"),
-                                                  "caption": cap_summary.get("runtime")},
-                                 params=params),
+        "assemble_images_per_s": total / seconds if seconds > 0 else None,
+        **provenance(models, runtime={"annotate": ann_summary.get("runtime"), "caption": cap_summary.get("runtime")},
+                     params=params),
         "data_source": source or None,
         "uses_standin_models": any(m.standin for m in models),
         "uses_embedded_sample": source.get("source") == "embedded",
@@ -348,5 +348,5 @@ def assemble_dataset(opts: AssemblyOptions, raw_dir: Path, annotations_dir: Path
                source_datasets=["microsoft/FaceSynthetics"], task_categories=["text-to-image", "image-to-image"],
                tags=["controlnet", "faces", "landmarks", "synthetic"],
                body_markdown=_card_body(report, out_dir, models, source))
-    write_json(report_path, report)
+    write_report(report_path, *split_report(report, REPORT_METRICS))
     return report

@@ -301,10 +301,12 @@ def card_sections_from_report(report: dict, *, repo_id: str | None = None, revis
     train_controlnet.py flags that read it there), a sample grid, the source licenses and terms, and the
     provenance block of the pipeline's report (models with revisions, parameters, packages).
 
-    ``report`` is the dataset's report (reports/datasets/<name>.json; may be empty); ``card_meta`` the card's
-    YAML (for the source ids and columns)."""
+    ``report`` is the dataset's report (reports/datasets/<name>.json with its .provenance.json, as
+    :func:`pipelines.reports.read_report` merges them: models, packages and params at the top; an older
+    report's ``provenance`` block is read too; may be empty); ``card_meta`` the card's YAML (for the source
+    ids and columns)."""
     meta = card_meta or {}
-    prov = report.get("provenance") or {}
+    prov = report.get("provenance") or {k: report[k] for k in ("models", "packages", "params") if report.get(k)}
     out: list[str] = []
     if grid_name:
         cols = _image_columns(meta)

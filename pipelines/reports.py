@@ -2,13 +2,19 @@
 
 Reports live under ``reports/`` in git (``cache: false`` in dvc.yaml) so ``dvc metrics diff`` works across
 commits. They carry no timestamps or host names, so an unchanged input gives a byte-identical report.
+A report that dvc.yaml declares under ``metrics:`` is written by :func:`write_report` as two files: the
+metrics file (numbers only, tens at most, so `dvc metrics show` stays readable) and its
+``<name>.provenance.json`` sibling (models, packages, parameters, runtime, notes, breakdowns; not a metric).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -101,3 +107,119 @@ def provenance(models: list[ModelInfo], runtime: dict | None = None, params: dic
     if params is not None:
         block["params"] = params
     return block
+
+
+# --- metrics + provenance: the one way a stage writes a report that dvc.yaml declares as `metrics:` ----------
+
+PROVENANCE_SUFFIX = ".provenance.json"
+METRIC_MAX_DEPTH = 3  # key path length of a metric leaf: ``a``, ``a.b`` or ``a.b.c``
+METRIC_MAX_LEAVES = 64  # "tens per file at most": more is a breakdown, which belongs in the provenance file
+METRIC_KEY = re.compile(r"[A-Za-z0-9_+-]+")  # names, not text: no spaces (a prompt), no dots (dvc's separator)
+
+
+class MetricsError(ValueError):
+    """A metrics payload holds something that is not a number users compare."""
+
+
+def provenance_path(path: str | Path) -> Path:
+    """The sibling of a metrics file ``<dir>/<name>.json`` that holds its details: ``<dir>/<name>.provenance.json``."""
+    path = Path(path)
+    if path.suffix != ".json" or path.name.endswith(PROVENANCE_SUFFIX):
+        raise ValueError(f"{path}: a metrics file is <name>.json (and not itself a {PROVENANCE_SUFFIX})")
+    return path.with_name(path.stem + PROVENANCE_SUFFIX)
+
+
+def metric_leaves(metrics: dict, ndigits: int = 6) -> dict[str, int | float | bool | None]:
+    """``metrics`` flattened to ``{"a.b.c": leaf}`` (numpy scalars made python, floats rounded, NaN/inf None).
+
+    Raises :class:`MetricsError` naming the key for a leaf that is not int, float, bool or None (text, a
+    list), a key that is not a plain name, nesting deeper than ``METRIC_MAX_DEPTH``, a missing or non-bool
+    top-level ``uses_standin_models``, or more than ``METRIC_MAX_LEAVES`` leaves.
+    """
+    if not isinstance(metrics, dict):
+        raise MetricsError(f"metrics must be a dict, got {type(metrics).__name__}")
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            path = (*prefix, str(key))
+            name = ".".join(path)
+            if not isinstance(key, str) or not METRIC_KEY.fullmatch(key):
+                raise MetricsError(f"metrics key {name!r}: not a plain name ([A-Za-z0-9_+-]); a text breakdown "
+                                   "belongs in the provenance file")
+            if len(path) > METRIC_MAX_DEPTH:
+                raise MetricsError(f"metrics key {name!r}: nested deeper than {METRIC_MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                walk(value, path)
+                continue
+            value = _clean(value, ndigits)
+            if value is not None and not isinstance(value, (bool, int, float)):
+                raise MetricsError(f"metrics key {name!r}: {type(value).__name__} {value!r:.60} is not a number; "
+                                   "put text, lists and per-item breakdowns in the provenance file")
+            out[name] = value
+
+    walk(metrics, ())
+    if not isinstance(out.get("uses_standin_models"), bool):
+        raise MetricsError("metrics need a top-level bool 'uses_standin_models' (stand-in runs must be obvious)")
+    if len(out) > METRIC_MAX_LEAVES:
+        raise MetricsError(f"{len(out)} metric values (at most {METRIC_MAX_LEAVES}): move breakdowns to the "
+                           "provenance file")
+    return out
+
+
+def write_report(path: str | Path, metrics: dict, details: dict, ndigits: int = 6) -> tuple[Path, Path]:
+    """Write a stage's report as two files: ``path`` (a dvc ``metrics:`` file) with only ``metrics``, the
+    numbers users compare plus ``uses_standin_models``, checked by :func:`metric_leaves`; and
+    :func:`provenance_path` (not a metric) with ``details``: models, packages, parameters, runtime, notes,
+    implementation strings, per-item breakdowns. Both with :func:`write_json` (atomic, key-sorted, rounded,
+    no timestamps); nothing is written when ``metrics`` is rejected. Returns ``(metrics_path, details_path)``.
+    """
+    metric_leaves(metrics, ndigits)
+    path = Path(path)
+    details_path = write_json(provenance_path(path), details, ndigits)
+    return write_json(path, metrics, ndigits), details_path
+
+
+def split_report(report: dict, metric_keys: Iterable[str]) -> tuple[dict, dict]:
+    """``(metrics, details)`` of a full report: ``metric_keys`` are dotted paths into it (``"rows"`` takes
+    the whole sub-dict, ``"fid.value"`` one number); metrics hold those, details all the rest (emptied
+    sub-dicts dropped), so each report is built whole in one place and split by the list of numbers users
+    compare. A path through a None (an absent section) gives None; a path that is not there is a KeyError.
+    """
+    details = copy.deepcopy(report)
+    metrics: dict[str, Any] = {}
+    for key in metric_keys:
+        parts = key.split(".")
+        src, dst, parents = details, metrics, []
+        for part in parts[:-1]:
+            if src is not None:
+                if not isinstance(src, dict) or part not in src:
+                    raise KeyError(f"metric {key!r}: the report has no {part!r}")
+                parents.append((src, part))
+                src = src[part]
+            dst = dst.setdefault(part, {})
+        if src is None:
+            dst[parts[-1]] = None
+            continue
+        if not isinstance(src, dict) or parts[-1] not in src:
+            raise KeyError(f"metric {key!r}: the report has no {parts[-1]!r}")
+        dst[parts[-1]] = src.pop(parts[-1])
+        for parent, part in reversed(parents):  # drop the sub-dicts this emptied
+            if parent[part] == {}:
+                del parent[part]
+    return metrics, details
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_report(path: str | Path) -> dict:
+    """A report written by :func:`write_report`, both files merged back into one dict (sub-dicts merged;
+    the inverse of :func:`split_report`); a report without a provenance file is read alone."""
+    path = Path(path)
+    details = provenance_path(path)
+    return _merge(read_json(details) if details.is_file() else {}, read_json(path))

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipelines.reports import write_json
+from pipelines.reports import write_json, write_report
 
 log = logging.getLogger(__name__)
 
@@ -248,28 +248,39 @@ def read_summary(out_dir: str | Path) -> dict:
 
 
 def write_summary(out_dir: str | Path, result: MapResult, *, model: dict | None, runtime: dict,
-                  config: dict, num_processes: int = 1) -> dict:
-    """Write the one summary format of every sharded stage and return it.
+                  config: dict, num_processes: int = 1, run_report: str | Path | None = None) -> dict:
+    """Write the one summary format of every sharded stage, ``summary.json`` beside the shards, and, when
+    ``run_report`` is given, that run's figures there (a metrics file, :func:`~pipelines.reports.write_report`).
 
-    ``throughput`` is that of the last run that processed items: a rerun that only reused shards
-    keeps the previous figure rather than reporting none.
+    The summary is part of the stage's data output, so it holds only what the inputs decide (model,
+    runtime, configuration, counts over all shards): two runs on the same inputs write the same bytes.
+    What this run did (items processed, shards reused) and its wall-clock throughput go to ``run_report``;
+    ``throughput`` is that of the last run that processed items: a rerun that only reused shards keeps the
+    previous report's figure rather than reporting none. Returns the summary plus ``this_run`` and
+    ``throughput`` (the run report's figures) for the stage's log.
     """
-    previous = read_summary(out_dir).get("throughput")
-    if result.items_processed:
-        throughput = {"items_per_second": result.items_per_second, "items": result.items_processed,
-                      "seconds": result.seconds,
-                      "scope": "main process" if num_processes > 1 else "all processes"}
-    else:
-        throughput = previous
     summary = {
         "model": model,
         "uses_standin_model": bool(model and model.get("standin")),
         "runtime": runtime,
         "config": config,
         "counts": count_rows(out_dir),
-        "throughput": throughput,
-        "this_run": {"items_processed": result.items_processed, "shards_reused": result.shards_reused,
-                     "num_shards": result.num_shards, "failures": dict(sorted(result.failures.items()))},
     }
     write_json(Path(out_dir) / SUMMARY, summary)
-    return summary
+    previous = None
+    if run_report is not None and Path(run_report).is_file():
+        previous = json.loads(Path(run_report).read_text()).get("throughput")
+    if result.items_processed:
+        throughput = {"items_per_second": result.items_per_second, "items": result.items_processed,
+                      "seconds": result.seconds}
+    else:
+        throughput = previous
+    this_run = {"items_processed": result.items_processed, "shards_reused": result.shards_reused,
+                "num_shards": result.num_shards, "failed": int(sum(result.failures.values()))}
+    if run_report is not None:
+        write_report(run_report, {"throughput": throughput, "this_run": this_run,
+                                  "uses_standin_models": summary["uses_standin_model"]},
+                     {"output": Path(out_dir).as_posix(), "model": model, "runtime": runtime,
+                      "throughput_scope": "main process" if num_processes > 1 else "all processes",
+                      "failures_this_run": dict(sorted(result.failures.items()))})
+    return {**summary, "this_run": this_run, "throughput": throughput}

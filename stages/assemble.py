@@ -3,7 +3,8 @@
 Joins the annotate (SPIGA) and caption shards on id, draws each conditioning image ("spiga_seg" style)
 from SPIGA's landmarks, and writes a Hugging Face parquet dataset with its card to
 data/datasets/facesynthetics_spiga/ (splits `train` and `validation`; the validation rows are the
-`assemble.validation_count` ids with the smallest sha1), plus reports/datasets/facesynthetics_spiga.json.
+`assemble.validation_count` ids with the smallest sha1), plus reports/datasets/facesynthetics_spiga.json
+(numbers) and its .provenance.json (models, params, data source).
 diffusers' train_controlnet.py reads it with --dataset_name=data/datasets/facesynthetics_spiga (its
 default columns image, conditioning_image, text).
 """
@@ -15,6 +16,9 @@ from pathlib import Path
 
 from pipelines.facesynthetics_dataset import AssemblyOptions, assemble_dataset
 from stages import config as C
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.image_size", "assemble")
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ def assemble(base: C.Base, cfg: AssembleConfig, raw_dir: Path = RAW_DIR, annotat
 def main(argv: list[str] | None = None) -> None:
     """Run the stage (``argv``: the command line, for tests)."""
     args = C.cli(__doc__, argv)
-    base, cfg = C.load(AssembleConfig, "assemble", C.read_params(args.params), args.profile)
+    base, cfg = C.load(AssembleConfig, "assemble", C.read_params(args.params, PARAMS), args.profile)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = assemble(base, cfg)
     log.info("wrote %s: %s rows, %d skipped %s; NME mean %s", OUT_DIR, report["rows"], report["skipped_total"],

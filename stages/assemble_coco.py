@@ -3,17 +3,21 @@
 Reads the selection (data/interim/coco_humans/selection.json), the annotations (data/raw/coco/annotations/)
 and the selected images (data/raw/coco/images/); writes data/datasets/coco_humans/ (splits train and
 validation; columns image, person_mask, face_boxes, text, image_id, person_area_fraction, num_persons; card)
-and reports/datasets/coco_humans.json (counts per split, what each rule removed in order, what was skipped).
+and reports/datasets/coco_humans.json (counts per split, what was kept and skipped) with its .provenance.json
+(what each rule removed in order, the rules, the image fetch, data source, params).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from pipelines.coco_humans import FaceBoxRule, assemble_coco_humans
-from pipelines.reports import provenance, read_json, write_json
+from pipelines.coco_humans import REPORT_METRICS, FaceBoxRule, assemble_coco_humans
+from pipelines.reports import provenance, read_json, split_report, write_report
 from pipelines.sources.coco import load_coco
 from stages import config as C
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "assemble_coco")
 
 ROOT = Path("data/raw/coco")
 IMAGES = Path("data/raw/coco/images")
@@ -50,16 +54,15 @@ def assemble(base: C.Base, cfg: AssembleCocoConfig, root: Path = ROOT, images: P
     img_src = images / "SOURCE.json"
     report = assemble_coco_humans(selection, root, images, out_dir, face_rule, cfg.rows_per_file, load_coco, source)
     report["image_fetch"] = read_json(img_src) if img_src.is_file() else None
-    report["provenance"] = provenance([], params={"base": dataclasses.asdict(base),
-                                                  "assemble_coco": dataclasses.asdict(cfg)})
-    write_json(report_path, report)
+    report.update(provenance([], params={"base": dataclasses.asdict(base), "assemble_coco": dataclasses.asdict(cfg)}))
+    write_report(report_path, *split_report(report, REPORT_METRICS))
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the stage (``argv``: the command line, for tests)."""
     args = C.cli(__doc__, argv)
-    base, cfg = C.load(AssembleCocoConfig, "assemble_coco", C.read_params(args.params), args.profile)
+    base, cfg = C.load(AssembleCocoConfig, "assemble_coco", C.read_params(args.params, PARAMS), args.profile)
     report = assemble(base, cfg)
     print(f"assemble_coco: rows {report['rows']}; skipped {report['skipped']} -> {OUT_DIR}")
 

@@ -3,7 +3,8 @@
 Same models, same images, measured side by side in one run, alternating the two paths for several rounds
 (so their ratio survives a noisy machine): the annotate stage's load + batch functions vs the released SPIGA
 framework's per-image path; the caption stage's batched generation vs one image per generate; OpenCV drawing
-vs a matplotlib figure per image. Every timing includes image decoding. Writes reports/bench/facesynthetics.json.
+vs a matplotlib figure per image. Every timing includes image decoding. Writes reports/bench/facesynthetics.json
+(medians, speedups) and its .provenance.json (every round's rate, method, models, packages).
 """
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from pipelines.faces.annotate import load_face, spiga_batch_fn
 from pipelines.faces.boxes import face_box_from_landmarks
 from pipelines.faces.draw import draw_landmarks, draw_landmarks_matplotlib
 from pipelines.faces.spiga import SpigaAnnotator, original_inference
-from pipelines.reports import provenance, read_model_manifest, write_json
+from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.runtime import init_runtime, resolve_precision, synchronize
 from pipelines.sources.facesynthetics import SampleError, list_samples, read_image, read_landmarks
 from stages import config as C
-from stages.annotate import AnnotateConfig
-from stages.caption import CaptionConfig
+from stages.schemas.annotate import AnnotateConfig
+from stages.schemas.caption import CaptionConfig
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.device", "base.image_size", "bench_facesynthetics", "annotate", "caption")
 
 RAW = Path("data/raw/facesynthetics")
 MODELS = Path("data/models")
@@ -68,7 +72,7 @@ def _chunks(seq: list, size: int) -> list[list]:
 
 def main(argv: list[str] | None = None) -> None:
     args = C.cli(__doc__, argv)
-    params = C.read_params(args.params)
+    params = C.read_params(args.params, PARAMS)
     base, cfg = C.load(BenchConfig, "bench_facesynthetics", params, args.profile)
     _, ann = C.load(AnnotateConfig, "annotate", params, args.profile)
     _, cap = C.load(CaptionConfig, "caption", params, args.profile)
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "draw": _compare(draw_ours, draw_original, n, cfg.rounds, dev, 1),
     }
     models = [spiga_info, blip_info]
-    write_json(REPORT, {
+    write_report(REPORT, *split_report({
         **results,
         "num_images": n,
         "rounds": cfg.rounds,
@@ -138,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                   "medians; images/s include decoding; drawing excludes PNG encoding on both paths; 'original' = "
                   "released SPIGA framework per image, BLIP generate per image, one matplotlib figure per drawing",
         "uses_standin_models": any(m.standin for m in models),
-        "provenance": provenance(models, runtime.describe()),
-    })
+        **provenance(models, runtime.describe()),
+    }, [f"{part}.{k}" for part in results for k in ("ours_images_per_s", "original_images_per_s", "speedup",
+                                                    "batch_size")] + ["num_images", "rounds", "uses_standin_models"]))
     for part, r in results.items():
         print(f"{part:9s} ours {r['ours_images_per_s']:8.2f} img/s   original {r['original_images_per_s']:8.2f} "
               f"img/s   x{r['speedup']:.2f}")

@@ -11,7 +11,7 @@ is replaced by bf16 (accelerate autocasts no fp16 on the CPU: the loop would fai
 runs out of GPU memory is recorded as ``{"error": "out of memory"}``.
 
 Reads data/models/sd_base (``train_controlnet.pretrained_model``) and data/datasets/facesynthetics_spiga;
-writes reports/bench/train_controlnet.json.
+writes reports/bench/train_controlnet.json (speed, memory, ratios) and its .provenance.json (the rest).
 """
 from __future__ import annotations
 
@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.errors import PipelineError
-from pipelines.reports import provenance, read_model_manifest, write_json
+from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.training.bench import BASELINE, config_name, run_matrix
-from stages.config import ParamError, cli, load, positive, read_params, run
-from stages.train_controlnet import DATASET_DIR, TrainControlNetConfig, trains_on_cpu
+from stages.config import ParamError, cli, load, positive, read_params, run, value
+from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.device", "bench_train_controlnet", "train_controlnet", PROMPTS_KEY)
+DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 
 REPORT = Path("reports/bench/train_controlnet.json")
 STANDIN_WARNING = "stand-in tiny UNet: speed says nothing about SD 2.1-base"
@@ -38,13 +42,13 @@ log = logging.getLogger("stages.bench_train_controlnet")
 @dataclass(frozen=True)
 class BenchTrainConfig:
     """The ``bench_train_controlnet`` section of params.yaml; the matrix is ``mixed_precision`` x
-    ``gradient_checkpointing`` and must hold the baseline ("no", false)."""
+    ``gradient_checkpointing`` and must hold the baseline (fp32, false)."""
 
     resolution: int
     train_batch_size: int  # per process (the bench runs one process)
     warmup_steps: int  # untimed optimizer steps first (allocation, autotuning)
     timed_steps: int
-    mixed_precision: list[Literal["no", "fp16", "bf16"]]
+    mixed_precision: list[Literal["fp32", "fp16", "bf16"]]
     gradient_checkpointing: list[bool] = field(default_factory=lambda: [False, True])
 
     def validate(self, prefix: str = "bench_train_controlnet") -> None:
@@ -65,9 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Measure every configuration and write the report; returns it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = cli(__doc__, argv)
-    params = read_params(args.params)
+    params = read_params(args.params, PARAMS)
     base, cfg = load(BenchTrainConfig, "bench_train_controlnet", params, args.profile)
-    _, train = load(TrainControlNetConfig, "train_controlnet", params, args.profile)
+    _, train = load(TrainControlNetConfig, "train_controlnet", params, args.profile,
+                    extra={"validation_extra_prompts": value(params, PROMPTS_KEY, args.profile)})
     on_cpu = trains_on_cpu(base.device, "bench_train_controlnet")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PipelineError("bench_train_controlnet measures one process per configuration: start it with python, "
@@ -104,10 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
                   "timestamp); images/s = steps/s x batch x gradient accumulation; peak memory over the whole run",
         "notes": notes,
         "uses_standin_models": sd_info.standin,
-        "provenance": provenance([sd_info], {"device": device, "num_processes": 1},
-                                 {"bench_train_controlnet": asdict(cfg), "train_controlnet": asdict(train)}),
+        **provenance([sd_info], {"device": device, "num_processes": 1},
+                     {"bench_train_controlnet": asdict(cfg), "train_controlnet": asdict(train)}),
     }
-    write_json(REPORT, report)
+    # metrics: each configuration's speed, memory and last loss, and the ratios; the rest (per-step seconds,
+    # dtypes, memory kind, machine, notes, models, params) goes to the .provenance.json
+    write_report(REPORT, *split_report(report, [
+        f"configs.{name}.{k}" for name, r in measured["configs"].items()
+        for k in ("steps_per_second", "images_per_second", "peak_memory_gib", "final_loss") if k in r
+    ] + ["ratios", "uses_standin_models"]))
     for name, r in measured["configs"].items():
         if "error" in r:
             log.info("%-20s %s", name, r["error"])

@@ -1,52 +1,39 @@
 """Stage caption: a BLIP caption per FaceSynthetics face, batched and resumable (parquet shards).
 
 Reads data/raw/facesynthetics and data/models/blip; writes data/interim/facesynthetics/captions/
-(shards + summary.json). caption.method: none writes empty captions without loading any model.
+(shards + summary.json) and reports/bench/caption.json (this run's throughput). caption.method: none writes empty captions without loading any model.
 Several GPUs: `accelerate launch -m stages.caption`.
 """
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 from pipelines.captions import CAPTION_SCHEMA, BlipCaptioner, caption_batch_fn, load_caption_input
 from pipelines.reports import ModelInfo, read_model_manifest
 from pipelines.runtime import init_runtime
 from pipelines.shards import ShardedMap, write_summary
 from pipelines.sources.facesynthetics import list_samples
-from stages.config import ParamError, cli, load, positive, read_params, run
+from stages.config import cli, load, read_params, run
+from stages.schemas.caption import CaptionConfig
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.device", "base.image_size", "caption")
 
 RAW_DIR = Path("data/raw/facesynthetics")
 MODEL_DIR = Path("data/models/blip")
 OUT_DIR = Path("data/interim/facesynthetics/captions")
+RUN_REPORT = Path("reports/bench/caption.json")  # this run's items/s and shard reuse (not data: it varies)
 log = logging.getLogger("stages.caption")
-
-
-@dataclass(frozen=True)
-class CaptionConfig:
-    """The ``caption`` section of params.yaml."""
-
-    method: Literal["blip", "none"]
-    precision: Literal["auto", "fp32", "fp16", "bf16"]
-    batch_size: int
-    num_workers: int
-    shard_size: int
-
-    def validate(self, prefix: str = "caption") -> None:
-        """Reject sizes that cannot work."""
-        positive(prefix, batch_size=self.batch_size, shard_size=self.shard_size)
-        if self.num_workers < 0:
-            raise ParamError(f"{prefix}.num_workers: must be >= 0, got {self.num_workers!r}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the stage; returns the summary written to ``summary.json`` (empty on non-main processes)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = cli(__doc__, argv)
-    base, cfg = load(CaptionConfig, "caption", read_params(args.params), args.profile)
+    base, cfg = load(CaptionConfig, "caption", read_params(args.params, PARAMS), args.profile)
     runtime = init_runtime(base.device, cfg.precision, base.seed)
     samples = list_samples(RAW_DIR)
 
@@ -67,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not runtime.is_main_process:
         return {}
     summary = write_summary(OUT_DIR, result, model=model_info.to_dict() if model_info else None,
-                            runtime=runtime.describe(), config=asdict(cfg), num_processes=runtime.num_processes)
+                            runtime=runtime.describe(), config=asdict(cfg), num_processes=runtime.num_processes,
+                            run_report=RUN_REPORT)
     c = summary["counts"]
     log.info("caption: %d rows, %d ok, %d failed %s%s", c["rows"], c["ok"], c["failed"], c["failed_by_reason"],
              " (STAND-IN BLIP: random weights, captions mean nothing)" if model_info and model_info.standin else "")

@@ -1,11 +1,13 @@
-"""Reading a stage's section of params.yaml: the profile switch, validation, and ``--help``.
+"""Reading a stage's params: the profile switch, declared keys, validation, and ``--help``.
 
-Every stage section may hold keys shared by all profiles plus one sub-section per profile
-(``sample:`` and ``real:``) whose keys override the shared ones. ``base.profile`` picks the profile:
-that one key is the switch between the offline sample and the real configuration.
+Every key of params.yaml is written once. A value that differs by profile is a mapping of exactly
+``{sample: ..., real: ...}``; ``base.profile`` picks one (at any depth). So ``dvc exp run -S section.key=v``
+replaces the key in every profile and always takes effect, and ``-S section.key.real=v`` changes one profile.
 
-Each stage declares its options as a dataclass; :func:`parse` rejects unknown or missing keys and
-values outside a ``Literal`` before any work starts, naming the key and the allowed values.
+A stage reads only the keys it declares (``PARAMS`` in its module; dvc.yaml lists the same keys, which a test
+checks), so a change elsewhere in params.yaml never re-runs it. Each stage declares its options as a dataclass;
+:func:`parse` rejects unknown or missing keys and values outside a ``Literal`` before any work starts, naming
+the key and the allowed values.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,37 +33,76 @@ class ParamError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Base:
-    """The ``base`` section shared by all stages."""
+    """The ``base`` section shared by all stages; a key the stage does not declare stays ``None``."""
 
-    profile: Literal["sample", "real"]
-    seed: int
-    device: str  # auto | cpu | cuda | cuda:N | mps
-    image_size: int
-    launcher: str  # how dvc.yaml starts GPU stages: python, or 'accelerate launch --multi_gpu'
+    profile: Literal["sample", "real"] | None = None
+    seed: int | None = None
+    device: str | None = None  # auto | cpu | cuda | cuda:N | mps
+    image_size: int | None = None
+    launcher: str | None = None  # how dvc.yaml starts GPU stages: python, or 'accelerate launch --multi_gpu'
 
 
-def read_params(path: str | Path = PARAMS_FILE) -> dict:
-    """Load params.yaml (or another file with the same layout)."""
+def read_params(path: str | Path = PARAMS_FILE, keys: Iterable[str] | None = None) -> dict:
+    """Load params.yaml (or another file with the same layout); with ``keys`` (dotted: a section or one key in
+    it), only those, so a stage cannot read what it did not declare. A declared key missing from the file is a
+    :class:`ParamError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run stages from the repository root")
-    return yaml.safe_load(path.read_text()) or {}
+    params = yaml.safe_load(path.read_text()) or {}
+    return params if keys is None else declared(params, keys, str(path))
 
 
-def section(params: dict, name: str, profile: str) -> dict:
-    """The section ``name`` with the ``profile`` sub-section merged over the shared keys."""
-    if profile not in PROFILES:
+def declared(params: dict, keys: Iterable[str], where: str = PARAMS_FILE) -> dict:
+    """Only the dotted ``keys`` of ``params`` (a section, or one key in it); a missing one is a
+    :class:`ParamError` naming it."""
+    out: dict = {}
+    for key in keys:
+        node, parts = params, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamError(f"{where} has no {'.'.join(parts[:i + 1])} (declared as {key!r})")
+            node = node[part]
+        target = out
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = node
+    return out
+
+
+def is_per_profile(value: Any) -> bool:
+    """Whether ``value`` is a per-profile value: a mapping of exactly ``{sample: ..., real: ...}``."""
+    return isinstance(value, dict) and set(value) == set(PROFILES)
+
+
+def resolve(value: Any, profile: str | None, key: str) -> Any:
+    """``value`` with every per-profile mapping in it replaced by its ``profile`` entry."""
+    if is_per_profile(value):
+        if profile is None:
+            raise ParamError(f"{key}: differs by profile, but the stage does not declare base.profile")
+        return resolve(value[profile], profile, key)
+    if isinstance(value, dict):
+        return {k: resolve(v, profile, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def section(params: dict, name: str, profile: str | None) -> dict:
+    """The section ``name`` with its per-profile values resolved for ``profile``."""
+    if profile is not None and profile not in PROFILES:
         raise ParamError(f"base.profile: {profile!r} is not one of {', '.join(PROFILES)}")
     if name not in params:
-        raise ParamError(f"params.yaml has no section {name!r}")
-    raw = dict(params[name] or {})
-    merged = {k: v for k, v in raw.items() if k not in PROFILES}
-    for k, v in (raw.get(profile) or {}).items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = {**merged[k], **v}
-        else:
-            merged[k] = v
-    return merged
+        raise ParamError(f"params section {name!r} is missing or not declared by this stage")
+    return resolve(dict(params[name] or {}), profile, name)
+
+
+def value(params: dict, key: str, profile: str | None) -> Any:
+    """One dotted key (``section.key``) resolved for ``profile``."""
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ParamError(f"params key {key!r} is missing or not declared by this stage")
+        node = node[part]
+    return resolve(node, profile, key)
 
 
 def _check(key: str, value: Any, tp: Any) -> Any:
@@ -129,16 +170,21 @@ def parse(cls: type[T], values: dict, prefix: str) -> T:
     return obj
 
 
-def load(cls: type[T], name: str, params: dict | None = None, profile: str | None = None) -> tuple[Base, T]:
-    """Parse ``base`` and the stage section ``name`` for ``profile`` (default: ``base.profile``)."""
-    params = read_params() if params is None else params
-    if "base" not in params:
-        raise ParamError("params.yaml has no section 'base'")
-    base_values = dict(params["base"])
+def load_base(params: dict, profile: str | None = None) -> Base:
+    """Parse the declared keys of ``base``; ``profile`` (the ``--profile`` option) overrides base.profile."""
+    values = dict(params.get("base") or {})
     if profile is not None:
-        base_values["profile"] = profile
-    base = parse(Base, base_values, "base")
-    return base, parse(cls, section(params, name, base.profile), name)
+        values["profile"] = profile
+    return parse(Base, values, "base")
+
+
+def load(cls: type[T], name: str, params: dict | None = None, profile: str | None = None,
+         extra: dict | None = None) -> tuple[Base, T]:
+    """Parse ``base`` and the stage section ``name`` for ``profile`` (default: ``base.profile``); ``extra``
+    adds values the stage reads from other sections."""
+    params = read_params() if params is None else params
+    base = load_base(params, profile)
+    return base, parse(cls, {**section(params, name, base.profile), **(extra or {})}, name)
 
 
 def cli(description: str, argv: list[str] | None = None,
@@ -153,6 +199,13 @@ def cli(description: str, argv: list[str] | None = None,
     if configure is not None:
         configure(parser)
     return parser.parse_args(argv)
+
+
+def model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME``: an entry of ``controlnets`` in params.yaml (generate and evaluate take it; dvc.yaml runs
+    one stage per name)."""
+    parser.add_argument("--model", required=True, metavar="NAME",
+                        help="a model name from controlnets in params.yaml (dvc.yaml runs one stage per name)")
 
 
 def positive(prefix: str, **values: float) -> None:

@@ -1,13 +1,16 @@
 """Stage evaluate: FID, KID, IS, CLIP score, prompt adherence and control fidelity of one model's generated set.
 
-``python -m stages.evaluate --model NAME`` (one DVC stage per entry of ``generate.models``: ``evaluate@NAME``)
--> reports/metrics/<NAME>.json, so the released ControlNet and ours sit side by side (`dvc metrics show`).
+``python -m stages.evaluate --model NAME`` (one DVC stage per entry of ``controlnets``: ``evaluate@NAME``)
+-> reports/metrics/<NAME>.json, so the released ControlNet and ours sit side by side (`dvc metrics show`), its
+details in reports/metrics/<NAME>.provenance.json, and reports/bench/evaluate_<NAME>.json (images/s, with its
+.provenance.json).
 Reads data/generated/<NAME>/ (images + metadata.jsonl, off_distribution.jsonl), the reference statistics of the
 real validation images (data/metrics/reference, made once by the reference_stats stage), the dataset's
 conditions (landmarks, head pose, captions) and the evaluation models (clean-fid's Inception, CLIP, SPIGA).
-The report is small JSON in git (`dvc metrics diff` compares it across commits) and names what makes it
-comparable: implementation and version, mode, feature layer, image size, counts, the reference hash, every
-model's id and revision, and whether any model was a stand-in (then the numbers mean nothing).
+The metrics file is small JSON in git (`dvc metrics diff` compares it across commits): the numbers, counts and
+whether any model was a stand-in (then the numbers mean nothing); what makes them comparable (implementation
+and version, mode, feature layer, image size, the reference hash, every model's id and revision, packages,
+params) is in the .provenance.json beside it.
 Prompt adherence (our rule, in pipelines.metrics.clip_score.prompt_adherence): the off-distribution images'
 CLIP score, and the share more similar to their own prompt than to ``off_distribution_reference_text``.
 """
@@ -18,16 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipelines.evaluation import EvaluationOptions, evaluate_generated
-from pipelines.reports import provenance, read_model_manifest, write_json
+from pipelines.evaluation import REPORT_METRICS, EvaluationOptions, evaluate_generated
+from pipelines.metrics.fid import reference_paths
+from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.runtime import init_runtime
 from stages import config as C
-from stages.annotate import AnnotateConfig
-from stages.generate import OUT_ROOT, GenerateConfig, model_argument
-from stages.reference_stats import ReferenceStatsConfig, output_paths
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py): the reference split, and the
+# face box margin of the annotator it re-detects landmarks with
+PARAMS = ("base.profile", "base.seed", "base.device", "evaluate", "reference_stats.split", "annotate.box_margin")
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 MODELS = Path("data/models")
+GENERATED = Path("data/generated")
+REFERENCE_DIR = Path("data/metrics/reference")
 BENCH_DIR = Path("reports/bench")
 log = logging.getLogger("stages.evaluate")
 
@@ -63,31 +70,34 @@ class EvaluateConfig:
 def main(argv: list[str] | None = None) -> dict:
     """Run the stage; returns the report."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = C.cli(__doc__, argv, model_argument)
-    params = C.read_params(args.params)
+    args = C.cli(__doc__, argv, C.model_argument)
+    params = C.read_params(args.params, PARAMS)
     base, cfg = C.load(EvaluateConfig, "evaluate", params, args.profile)
-    _, gen = C.load(GenerateConfig, "generate", params, args.profile)
     model = args.model
-    gen.controlnet_dir(model)  # a ParamError naming the known models for an unknown name
-    _, ref = C.load(ReferenceStatsConfig, "reference_stats", params, args.profile)
-    _, ann = C.load(AnnotateConfig, "annotate", params, args.profile)
+    if not (GENERATED / model).is_dir():
+        raise FileNotFoundError(f"{GENERATED / model} is missing: run generate@{model} first (dvc repro evaluate@{model})")
+    split = C.value(params, "reference_stats.split", base.profile)
+    box_margin = C.value(params, "annotate.box_margin", base.profile)
     runtime = init_runtime(base.device, "fp32", base.seed)
     models = [read_model_manifest(MODELS / role) for role in ("inception", "clip", "spiga")]
-    npz, js = output_paths(ref.split)
-    opts = EvaluationOptions(box_margin=ann.box_margin, **asdict(cfg))
-    report = evaluate_generated(OUT_ROOT / model, DATASET_DIR, ref.split, npz, js,
+    npz, js = reference_paths(REFERENCE_DIR, DATASET_DIR.name, split)
+    opts = EvaluationOptions(box_margin=box_margin, **asdict(cfg))
+    report = evaluate_generated(GENERATED / model, DATASET_DIR, split, npz, js,
                                 MODELS / "inception", MODELS / "clip", MODELS / "spiga" / models[2].id, models, opts,
                                 runtime.device)
-    report["provenance"] = provenance([], runtime.describe(), {"evaluate": asdict(cfg)})
+    block = provenance([], runtime.describe(), {"evaluate": asdict(cfg)})  # report["models"] has every model
+    report.update(packages=block["packages"], runtime=block["runtime"], params=block["params"])
     if report["uses_standin_models"]:
         report["note"] = "STAND-IN models were used: these numbers check the pipeline and mean nothing"
-    path = write_json(Path("reports/metrics") / f"{model}.json", report)
-    write_json(BENCH_DIR / f"evaluate_{model}.json", {"model_name": model, "num_images": report["num_images"],
-                            "images_per_second": report["throughput"], "device": str(runtime.device),
-                            "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-                            "uses_standin_models": report["uses_standin_models"],
-                            "note": "per metric family: Inception features + IS logits, CLIP score, control fidelity "
-                                    "(SPIGA + face detector); wall time over the generated set"})
+    path, _ = write_report(Path("reports/metrics") / f"{model}.json",
+                           *split_report({k: v for k, v in report.items() if k != "throughput"}, REPORT_METRICS))
+    write_report(BENCH_DIR / f"evaluate_{model}.json",
+                 {"num_images": report["num_images"], "images_per_second": report["throughput"],
+                  "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+                  "uses_standin_models": report["uses_standin_models"]},
+                 {"model_name": model, "device": str(runtime.device), "runtime": block["runtime"],
+                  "note": "per metric family: Inception features + IS logits, CLIP score, control fidelity "
+                          "(SPIGA + face detector); wall time over the generated set"})
     c, adherence = report["control"], report["prompt_adherence"] or {}
     log.info("evaluate %s: FID %.3f, KID %.5f, IS %.3f, CLIP %.2f, off-distribution prompt win rate %s, "
              "landmark NME %s, face found %s -> %s%s",

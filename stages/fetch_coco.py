@@ -24,6 +24,9 @@ from pipelines.reports import read_json, write_json
 from pipelines.sources import coco as S
 from stages import config as C
 
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "fetch_coco")
+
 ANNOTATIONS_ROOT = Path("data/raw/coco")  # annotations live in data/raw/coco/annotations
 IMAGES_DIR = Path("data/raw/coco/images")
 SELECTION = Path("data/interim/coco_humans/selection.json")
@@ -47,12 +50,8 @@ class FetchCocoConfig:
         if self.source == "official":
             if not (self.annotations_url or "").startswith(("http://", "https://")):
                 raise C.ParamError(f"{prefix}.annotations_url: source 'official' needs an http(s) URL")
-        elif self.annotations_url is not None or self.sha256 is not None:
-            raise C.ParamError(f"{prefix}.annotations_url/sha256: only used with source 'official'")
         if self.source == "local" and not self.local_dir:
             raise C.ParamError(f"{prefix}.local_dir: source 'local' needs the folder of an existing COCO copy")
-        if self.source != "local" and self.local_dir is not None:
-            raise C.ParamError(f"{prefix}.local_dir: only used with source 'local'")
 
 
 def fetch_annotations(base: C.Base, cfg: FetchCocoConfig, root: Path = ANNOTATIONS_ROOT) -> dict:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = C.cli(__doc__, rest)
     if known.what is None:
         raise C.ParamError("say what to fetch: python -m stages.fetch_coco annotations | images")
-    base, cfg = C.load(FetchCocoConfig, "fetch_coco", C.read_params(args.params), args.profile)
+    base, cfg = C.load(FetchCocoConfig, "fetch_coco", C.read_params(args.params, PARAMS), args.profile)
     if known.what == "annotations":
         info = fetch_annotations(base, cfg)
         print(f"fetch_coco_annotations: {info['source']} -> {ANNOTATIONS_ROOT / 'annotations'}")

@@ -20,6 +20,9 @@ from pipelines.sources.facesynthetics import list_samples
 from pipelines.sources.sample_faces import write_sample
 from stages import config as C
 
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.image_size", "fetch_facesynthetics")
+
 OUT_DIR = Path("data/raw/facesynthetics")
 CACHE_DIR = Path("data/cache/downloads")
 LICENSE_NOTE = ("Microsoft FaceSynthetics (https://github.com/microsoft/FaceSynthetics): research-only license, "
@@ -38,22 +41,18 @@ class FetchConfig:
     sha256: str | None = None  # official: pin of the zip; None checks size (and Content-MD5) only
 
     def validate(self, prefix: str) -> None:
-        """Raise :class:`stages.config.ParamError` for combinations that do not fit the source."""
+        """Raise :class:`stages.config.ParamError` for combinations that do not fit the source (the keys of the
+        other source are kept and ignored: one params file serves both profiles)."""
         if self.source == "embedded":
             if self.num_faces is None:
                 raise C.ParamError(f"{prefix}.num_faces: source 'embedded' needs num_faces")
             C.positive(prefix, num_faces=self.num_faces)
             if self.num_broken < 0:
                 raise C.ParamError(f"{prefix}.num_broken: must be >= 0, got {self.num_broken}")
-            for key in ("subset", "url", "sha256"):
-                if getattr(self, key) is not None:
-                    raise C.ParamError(f"{prefix}.{key}: only used with source 'official' (source is 'embedded')")
         else:
             for key in ("subset", "url"):
                 if getattr(self, key) is None:
                     raise C.ParamError(f"{prefix}.{key}: source 'official' needs {key}")
-            if self.num_faces is not None or self.num_broken:
-                raise C.ParamError(f"{prefix}.num_faces/num_broken: only used with source 'embedded'")
             if not self.url.startswith(("https://", "http://")):
                 raise C.ParamError(f"{prefix}.url: expected an http(s) URL, got {self.url!r}")
             if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
@@ -77,7 +76,7 @@ def fetch_official(cfg: FetchConfig, out: Path, cache: Path = CACHE_DIR) -> dict
 def main(argv: list[str] | None = None) -> None:
     """Run the stage (``argv``: the command line, for tests)."""
     args = C.cli(__doc__, argv)
-    base, cfg = C.load(FetchConfig, "fetch_facesynthetics", C.read_params(args.params), args.profile)
+    base, cfg = C.load(FetchConfig, "fetch_facesynthetics", C.read_params(args.params, PARAMS), args.profile)
     if OUT_DIR.exists():
         shutil.rmtree(OUT_DIR)
     OUT_DIR.mkdir(parents=True)

@@ -16,6 +16,8 @@ from pipelines.model_store import fetch_hub_snapshot, fetch_weights_file, make_s
 from pipelines.standins import BUILDERS
 from stages import config as C
 
+# the params keys this stage reads for --section S (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "{section}")
 MODELS_DIR = Path("data/models")
 CACHE_DIR = Path("data/cache/models")
 
@@ -70,8 +72,7 @@ def fetch(role: str, src: ModelSource, seed: int) -> str:
 
 def load_config(params: dict, section: str, profile: str | None = None) -> tuple[C.Base, dict[str, ModelSource]]:
     """Parse ``base`` and the models of ``section`` for ``profile`` (default: base.profile)."""
-    base_values = dict(params["base"]) | ({"profile": profile} if profile else {})
-    base = C.parse(C.Base, base_values, "base")
+    base = C.load_base(params, profile)
     return base, parse_models(C.section(params, section, base.profile), section)
 
 
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=C.PROFILES, default=None, help="override base.profile for this run")
     parser.add_argument("--section", default="fetch_models", help="params section listing the models (default: %(default)s)")
     args = parser.parse_args(argv)
-    base, models = load_config(C.read_params(args.params), args.section, args.profile)
+    base, models = load_config(C.read_params(args.params, [k.format(section=args.section) for k in PARAMS]), args.section,
+                               args.profile)
     for role, src in models.items():
         print(fetch(role, src, base.seed))
 

@@ -1,7 +1,7 @@
 """Stage generate: sample images from one ControlNet for evaluation, with fixed seeds (one DVC stage per model).
 
-``python -m stages.generate --model NAME``; ``generate.models`` in params.yaml maps each model name to its
-ControlNet folder, and dvc.yaml runs this stage once per entry (``generate@NAME``): the released
+``python -m stages.generate --model NAME --controlnet FOLDER``; ``controlnets`` in params.yaml maps each model name
+to its ControlNet folder, and dvc.yaml runs this stage once per entry (``generate@NAME``): the released
 multimodalart/uncannyfaces_25K (data/models/controlnet) and ours (models/controlnet_landmarks, from the
 train_controlnet stage), so both are generated and evaluated the same way.
 
@@ -17,7 +17,8 @@ stand-ins in the sample profile, whose images mean nothing). Writes data/generat
   evaluate stage turns that into a number (prompt adherence);
 * summary.json; and the grids reports/plots/samples/<model>.png (condition | generated, the first
   ``grid_size`` conditions) and <model>_off_distribution.png (one row per off-distribution prompt),
-  reports/bench/generate_<model>.json (images/s at batch_size vs batch 1).
+  reports/bench/generate_<model>.json (images/s at batch_size vs batch 1, and of the whole run on the main
+  process; the summary, a data output, holds no timings) with its .provenance.json.
 
 The seed of each image comes from its condition id and base.seed only, so images do not depend on the
 batch size or the process split. The output folder is emptied first: the stage is cheap to rerun per
@@ -50,10 +51,13 @@ from pipelines.generation import (
     sample_grid,
     write_jobs,
 )
-from pipelines.reports import provenance, read_model_manifest, write_json
+from pipelines.reports import provenance, read_model_manifest, split_report, write_json, write_report
 from pipelines.runtime import Runtime, init_runtime, synchronize
 from pipelines.standins import STANDIN_NOTE
-from stages.config import ParamError, cli, load, positive, read_params, run
+from stages.config import ParamError, cli, load, model_argument, positive, read_params, run
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py); the model comes from the command
+PARAMS = ("base.profile", "base.seed", "base.device", "generate")
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 SPLIT = "validation"
@@ -71,17 +75,17 @@ def bench_path(model: str) -> Path:
     return BENCH_DIR / f"generate_{model}.json"
 
 
-def model_argument(parser: argparse.ArgumentParser) -> None:
-    """``--model NAME``: the entry of ``generate.models`` to use (generate and evaluate take it)."""
-    parser.add_argument("--model", required=True, metavar="NAME",
-                        help="a model name from generate.models in params.yaml (dvc.yaml runs one stage per name)")
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME --controlnet FOLDER`` (dvc.yaml passes an entry of ``controlnets``)."""
+    model_argument(parser)
+    parser.add_argument("--controlnet", required=True, type=Path, metavar="FOLDER",
+                        help="the model's ControlNet folder (diffusers format with a facecontrol manifest)")
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     """The ``generate`` section of params.yaml."""
 
-    models: dict[str, str]  # model name -> ControlNet folder (diffusers format with a facecontrol manifest)
     scheduler: Literal["unipc", "ddim", "euler", "dpm"]
     guidance_scale: float
     controlnet_conditioning_scale: float
@@ -97,13 +101,6 @@ class GenerateConfig:
 
     def validate(self, prefix: str = "generate") -> None:
         """Reject values that cannot work."""
-        if not self.models:
-            raise ParamError(f"{prefix}.models: name at least one model (name: ControlNet folder)")
-        for name, folder in self.models.items():
-            if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
-                raise ParamError(f"{prefix}.models: {name!r} must be a plain folder name (letters, digits, '.', '_', '-')")
-            if not isinstance(folder, str) or not folder:
-                raise ParamError(f"{prefix}.models.{name}: expected a folder path, got {folder!r}")
         positive(prefix, grid_size=self.grid_size, resolution=self.resolution,
                  num_inference_steps=self.num_inference_steps, batch_size=self.batch_size,
                  off_distribution_conditions=self.off_distribution_conditions)
@@ -119,11 +116,6 @@ class GenerateConfig:
             if getattr(self, key) < 0:
                 raise ParamError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)!r}")
 
-    def controlnet_dir(self, model: str, prefix: str = "generate") -> Path:
-        """The ControlNet folder of ``model``; a :class:`ParamError` names the known models otherwise."""
-        if model not in self.models:
-            raise ParamError(f"{prefix}.models has no {model!r}; known: {', '.join(self.models)}")
-        return Path(self.models[model])
 
 
 def _generate(pipe: Any, cfg: GenerateConfig, ds: Any, jobs: Sequence[GenerationJob]) -> list[Image.Image]:
@@ -164,10 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the stage for ``--model``; returns the summary written to ``summary.json`` (empty on non-main
     processes)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = cli(__doc__, argv, model_argument)
-    base, cfg = load(GenerateConfig, "generate", read_params(args.params), args.profile)
-    model = args.model
-    controlnet_dir = cfg.controlnet_dir(model)
+    args = cli(__doc__, argv, model_arguments)
+    base, cfg = load(GenerateConfig, "generate", read_params(args.params, PARAMS), args.profile)
+    model, controlnet_dir = args.model, args.controlnet
+    if not MODEL_NAME.fullmatch(model):
+        raise ParamError(f"--model: {model!r} must be a plain folder name (letters, digits, '.', '_', '-')")
     runtime = init_runtime(base.device, cfg.precision, base.seed)
     models = [read_model_manifest(SD_DIR), read_model_manifest(controlnet_dir)]
     standin = any(m.standin for m in models)
@@ -214,22 +207,25 @@ def main(argv: list[str] | None = None) -> dict:
     note = (f"STAND-IN models ({STANDIN_NOTE}); on {runtime.device.type} at {cfg.resolution} px their speed "
             "says nothing of SD 2.1-base's") if standin else ""
     prov = provenance(models, runtime.describe(), asdict(cfg))
+    rate = len(mine) / seconds if seconds > 0 else None
     bench = {"model_name": model, "device": str(runtime.device), "precision": runtime.precision,
              "resolution": cfg.resolution, "num_inference_steps": cfg.num_inference_steps, "scheduler": cfg.scheduler,
-             "note": note, **benchmark(pipe, cfg, ds, jobs, runtime), **prov}
-    write_json(bench_path(model), bench)
+             "note": note, **benchmark(pipe, cfg, ds, jobs, runtime), **prov,
+             "generation": {"images": len(mine), "seconds": seconds, "images_per_second": rate}}  # main process
+    write_report(bench_path(model), *split_report(bench, (
+        "images", f"batch_{cfg.batch_size}", *(("batch_1",) if cfg.batch_size != 1 else ()), "speedup_vs_batch_1",
+        "generation", "resolution", "num_inference_steps", "uses_standin_models")))
 
     made = len(jobs) + len(off_jobs)
     summary = {"model_name": model, "controlnet_dir": str(controlnet_dir), "dataset": str(DATASET_DIR),
                "split": SPLIT, "count": count,
                "off_distribution": {"prompts": len(cfg.off_distribution_prompts), "conditions": len(off_ids),
                                     "images": len(off_jobs), "grid": str(off_grid_path)},
-               "seconds": seconds, "images_per_second": len(mine) / seconds if seconds > 0 else None,
                "images_made": made, "num_processes": runtime.num_processes, "grid": str(grid_path),
                "base_seed": base.seed, "note": note, **prov}
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)  # data: no timings (they are in the bench report)
     log.info("generate %s: %d condition + %d off-distribution images in %s (%.2f images/s on the main process)%s",
-             model, len(jobs), len(off_jobs), out_dir, summary["images_per_second"] or 0.0,
+             model, len(jobs), len(off_jobs), out_dir, rate or 0.0,
              f" ({note})" if note else "")
     return summary
 

@@ -17,24 +17,16 @@ from pipelines.reports import read_json, write_json
 from pipelines.shards import read_shards, read_summary
 from pipelines.sources.facesynthetics import SampleError, read_image, sample_paths
 from stages import config as C
+from stages.schemas.headpose import DirectionThresholds
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "headpose_facesynthetics")
 
 log = logging.getLogger("stages.headpose_facesynthetics")
 
 RAW_DIR = Path("data/raw/facesynthetics")
 ANNOTATIONS_DIR = Path("data/interim/facesynthetics/annotations")
 OUT_DIR = Path("data/datasets/headpose_facesynthetics")
-
-
-@dataclasses.dataclass(frozen=True)
-class DirectionThresholds:
-    """Degrees past which a face is labelled left/right (yaw) or up/down (pitch)."""
-
-    yaw: float
-    pitch: float
-
-    def validate(self, prefix: str) -> None:
-        """Both must be > 0."""
-        C.positive(prefix, yaw=self.yaw, pitch=self.pitch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +83,7 @@ def build(base: C.Base, cfg: HeadposeFaceSyntheticsConfig, raw_dir: Path = RAW_D
 def main(argv: list[str] | None = None) -> dict:
     """Run the stage (``argv``: the command line, for tests)."""
     args = C.cli(__doc__, argv)
-    base, cfg = C.load(HeadposeFaceSyntheticsConfig, "headpose_facesynthetics", C.read_params(args.params), args.profile)
+    base, cfg = C.load(HeadposeFaceSyntheticsConfig, "headpose_facesynthetics", C.read_params(args.params, PARAMS), args.profile)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = build(base, cfg)
     log.info("wrote %s: %d rows, counts %s", OUT_DIR, summary["rows"], summary["counts"])

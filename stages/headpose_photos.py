@@ -33,7 +33,10 @@ from pipelines.headpose import (
 from pipelines.metrics.control import DlibHogDetector
 from pipelines.reports import read_model_manifest, write_json
 from stages import config as C
-from stages.headpose_facesynthetics import DirectionThresholds
+from stages.schemas.headpose import DirectionThresholds
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.device", "headpose_photos")
 
 log = logging.getLogger("stages.headpose_photos")
 
@@ -185,7 +188,7 @@ def build(base: C.Base, cfg: HeadposePhotosConfig, out_dir: Path | None = None, 
 def main(argv: list[str] | None = None) -> dict:
     """Run the stage (``argv``: the command line, for tests)."""
     args = C.cli(__doc__, argv)
-    base, cfg = C.load(HeadposePhotosConfig, "headpose_photos", C.read_params(args.params), args.profile)
+    base, cfg = C.load(HeadposePhotosConfig, "headpose_photos", C.read_params(args.params, PARAMS), args.profile)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = build(base, cfg)
     log.info("wrote headpose_%s: %d rows, counts %s", cfg.name, summary["rows"], summary["counts"])

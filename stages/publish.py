@@ -22,8 +22,11 @@ from pathlib import Path
 
 from pipelines.model_store import sha256_file
 from pipelines.publish import PublishError, StagedFile, check_repo_id, format_tree, publish
-from pipelines.reports import read_json, write_json
+from pipelines.reports import read_report, write_json
 from stages import config as C
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("publish",)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ def run_publish(cfg: PublishConfig, *, dry_run: bool = False, large: bool | None
         raise FileNotFoundError(f"{dataset_dir} not found (have: {', '.join(have) or 'none'}); run its assemble "
                                 f"stage first (dvc repro)")
     report_path = dataset_reports / f"{cfg.dataset}.json"
-    dataset_report = read_json(report_path) if report_path.is_file() else {}
+    dataset_report = read_report(report_path) if report_path.is_file() else {}  # + its .provenance.json
     if large is None:
         total = sum(p.stat().st_size for p in dataset_dir.rglob("*") if p.is_file())
         large = total > cfg.large_threshold_bytes
@@ -139,7 +142,7 @@ def run_publish(cfg: PublishConfig, *, dry_run: bool = False, large: bool | None
 def main(argv: list[str] | None = None) -> dict:
     """Run the command (``argv``: the command line, for tests)."""
     args = parse_args(argv)
-    _, cfg = C.load(PublishConfig, "publish", C.read_params(args.params), args.profile)
+    _, cfg = C.load(PublishConfig, "publish", C.read_params(args.params, PARAMS), args.profile)
     cfg = merge(cfg, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = run_publish(cfg, dry_run=args.dry_run, large=args.large, token=args.token)

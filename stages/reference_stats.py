@@ -11,10 +11,13 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipelines.metrics.fid import reference_statistics
+from pipelines.metrics.fid import reference_paths, reference_statistics
 from pipelines.reports import provenance, read_model_manifest, write_json
 from pipelines.runtime import init_runtime
 from stages.config import ParamError, cli, load, positive, read_params, run
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.device", "reference_stats")
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 MODEL_DIR = Path("data/models/inception")
@@ -40,19 +43,14 @@ class ReferenceStatsConfig:
             raise ParamError(f"{prefix}.split: not a split name: {self.split!r}")
 
 
-def output_paths(split: str, out_dir: Path = OUT_DIR) -> tuple[Path, Path]:
-    """``(npz, json)`` of the reference statistics of ``split``."""
-    return out_dir / f"{NAME}_{split}.npz", out_dir / f"{NAME}_{split}.json"
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the stage; returns the JSON description written beside the npz."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = cli(__doc__, argv)
-    base, cfg = load(ReferenceStatsConfig, "reference_stats", read_params(args.params), args.profile)
+    base, cfg = load(ReferenceStatsConfig, "reference_stats", read_params(args.params, PARAMS), args.profile)
     runtime = init_runtime(base.device, "fp32", base.seed)
     model = read_model_manifest(MODEL_DIR)
-    npz, js = output_paths(cfg.split)
+    npz, js = reference_paths(OUT_DIR, NAME, cfg.split)
     ref = reference_statistics(DATASET_DIR, cfg.split, MODEL_DIR, npz, batch_size=cfg.batch_size,
                                num_workers=cfg.num_workers, device=runtime.device)
     rate = ref.pop("images_per_second")

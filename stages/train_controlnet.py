@@ -11,7 +11,9 @@ real profile; the tiny stand-in at 64 px in the sample profile). The ControlNet 
   ``checkpointing_steps`` (dvc ``persist: true``); at most ``checkpoints_total_limit`` kept; a rerun after
   an interruption continues from the newest;
 * reports/train/controlnet_landmarks/ - DVCLive layout: metrics.json, plots/metrics/train/{loss,lr}.tsv,
-  plots/images/validation/step-<k>.png + latest.png (``persist: true``, so a resumed run keeps its history).
+  plots/images/validation/step-<k>.png + latest.png (``persist: true``, so a resumed run keeps its history);
+  summary.json (the run's numbers: steps, losses, steps/s, epochs) and summary.provenance.json (resumed_from,
+  dtypes, device, models, packages, params).
 
 The real profile is the recipe of the released uncannyfaces_25K: SD 2.1-base, 512 px, lr 1e-5, batch 4,
 ~25K steps, checkpoints and validation every 5,000. Several GPUs:
@@ -20,95 +22,47 @@ The real profile is the recipe of the released uncannyfaces_25K: SD 2.1-base, 51
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
-
-import torch
 
 from pipelines.model_store import tree_digest
-from pipelines.reports import ModelInfo, provenance, read_model_manifest, write_json, write_model_manifest
+from pipelines.reports import (
+    ModelInfo,
+    provenance,
+    read_model_manifest,
+    split_report,
+    write_model_manifest,
+    write_report,
+)
 from pipelines.standins import STANDIN_NOTE
-from pipelines.training.controlnet import TrainSettings, train_controlnet
-from stages.config import ParamError, cli, load, positive, read_params, run
+from pipelines.training.controlnet import train_controlnet
+from stages.config import ParamError, cli, load, read_params, run, value
+from stages.schemas.train_controlnet import OVERFIT_EPOCHS, PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.device", "train_controlnet", PROMPTS_KEY)
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 OUTPUT_DIR = Path("models/controlnet_landmarks")
 CHECKPOINTS_DIR = Path("models/controlnet_landmarks_checkpoints")
 LOG_DIR = Path("reports/train/controlnet_landmarks")
-SUMMARY_FILE = LOG_DIR / "summary.json"
+SUMMARY_FILE = LOG_DIR / "summary.json"  # numbers only; resumed_from, dtypes, models, params: summary.provenance.json
+SUMMARY_METRICS = ("global_step", "steps_this_run", "seconds", "steps_per_second", "final_loss", "final_lr",
+                   "first_loss", "mean_loss_last_steps", "epochs", "train_rows", "num_processes", "finished",
+                   "uses_standin_models")
 EVALUATION_NOTE = ("Its evaluation beside the released multimodalart/uncannyfaces_25K (FID, KID, IS, CLIP score, "
                    "off-distribution prompt adherence, landmark NME, face detection, pose error) is the facecontrol "
                    "report reports/metrics/controlnet_landmarks.json (stage evaluate@controlnet_landmarks).")
-OVERFIT_EPOCHS = 3  # the seed: three epochs of FaceSynthetics overfit ("a cat" still gave a person)
 log = logging.getLogger("stages.train_controlnet")
-
-
-@dataclass(frozen=True)
-class TrainControlNetConfig:
-    """The ``train_controlnet`` section of params.yaml (the seed is ``base.seed``, the device ``base.device``)."""
-
-    pretrained_model: str  # a local folder written by fetch_generation_models (data/models/sd_base)
-    resolution: int
-    learning_rate: float
-    train_batch_size: int  # per process
-    gradient_accumulation_steps: int
-    gradient_checkpointing: bool
-    mixed_precision: Literal["no", "fp16", "bf16"]
-    max_train_steps: int
-    checkpointing_steps: int
-    checkpoints_total_limit: int | None
-    validation_steps: int
-    num_validation_images: int
-    validation_extra_prompts: list[str]  # more grid rows: these prompts on the first validation condition
-    validation_inference_steps: int
-    validation_guidance_scale: float
-    validation_scheduler: Literal["unipc", "ddim", "euler", "dpm"]
-    proportion_empty_prompts: float
-    dataloader_num_workers: int
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"]
-    lr_warmup_steps: int
-    adam_weight_decay: float
-    max_grad_norm: float
-
-    def validate(self, prefix: str = "train_controlnet") -> None:
-        """Reject values that cannot work, naming the key."""
-        positive(prefix, resolution=self.resolution, learning_rate=self.learning_rate,
-                 train_batch_size=self.train_batch_size, gradient_accumulation_steps=self.gradient_accumulation_steps,
-                 max_train_steps=self.max_train_steps, checkpointing_steps=self.checkpointing_steps,
-                 validation_steps=self.validation_steps, validation_inference_steps=self.validation_inference_steps)
-        if self.resolution % 8:
-            raise ParamError(f"{prefix}.resolution: must be a multiple of 8, got {self.resolution}")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ParamError(f"{prefix}.checkpoints_total_limit: must be >= 1 or null, got {self.checkpoints_total_limit!r}")
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ParamError(f"{prefix}.proportion_empty_prompts: must be in [0, 1], got {self.proportion_empty_prompts!r}")
-        for key in ("num_validation_images", "dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay",
-                    "max_grad_norm", "validation_guidance_scale"):
-            if getattr(self, key) < 0:
-                raise ParamError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)!r}")
-
-    def settings(self, seed: int) -> TrainSettings:
-        """The library's settings for this section and ``base.seed``."""
-        fields = asdict(self)
-        fields.pop("pretrained_model")
-        fields["validation_extra_prompts"] = tuple(fields["validation_extra_prompts"])
-        return TrainSettings(seed=seed, **fields)
-
-
-def trains_on_cpu(device: str, stage: str) -> bool:
-    """Whether the training loop will run on the CPU for ``base.device`` (``cpu``, or ``auto`` without CUDA);
-    a :class:`ParamError` names ``stage`` for a device accelerate cannot train on."""
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ParamError(f"base.device: {device!r}: {stage} runs on cpu or cuda (via accelerate)")
-    return device == "cpu" or not torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run (or resume) the training; returns the summary written to ``summary.json``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = cli(__doc__, argv)
-    base, cfg = load(TrainControlNetConfig, "train_controlnet", read_params(args.params), args.profile)
+    params = read_params(args.params, PARAMS)
+    base, cfg = load(TrainControlNetConfig, "train_controlnet", params, args.profile,
+                     extra={"validation_extra_prompts": value(params, PROMPTS_KEY, args.profile)})
     sd_dir = Path(cfg.pretrained_model)
     sd_info = read_model_manifest(sd_dir)
     if not (DATASET_DIR / "data").is_dir():
@@ -133,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "epochs (prompts ignored): check the off-distribution prompt win rate",
                     summary["global_step"], summary["epochs"], summary["train_rows"], OVERFIT_EPOCHS)
     summary = {**summary, "note": note, **provenance([sd_info], {"device": summary["device"]}, asdict(cfg))}
-    write_json(SUMMARY_FILE, summary)
+    write_report(SUMMARY_FILE, *split_report(summary, [k for k in SUMMARY_METRICS if k in summary]))
     log.info("train_controlnet: %d steps (%s steps/s this run), model in %s%s", summary["global_step"],
              f"{summary['steps_per_second']:.3f}" if summary["steps_per_second"] else "n/a", OUTPUT_DIR,
              f" ({note})" if note else "")

@@ -5,7 +5,8 @@ SPIGA's mean 3D face at known poses, in the same layout (pipelines.sources.aflw2
 box is the ground-truth 68 landmarks' min/max grown by box_margin (the usual AFLW2000 protocol crops with the
 ground-truth landmarks); SPIGA runs on it; both estimators (spiga, pnp on SPIGA's landmarks) are scored, plus
 pnp on the ground-truth landmarks (the PnP step alone, an upper bound). Writes
-reports/datasets/headpose_validation.json: MAE per angle and overall, protocol = all raw angles within ±99°.
+reports/datasets/headpose_validation.json: MAE per angle and overall, protocol = all raw angles within ±99°
+(the notes, conventions, models and params in reports/datasets/headpose_validation.provenance.json).
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from pipelines.faces.boxes import face_box_from_landmarks
 from pipelines.faces.pose import pnp_pose, spiga_pose_to_ours
 from pipelines.faces.spiga import SpigaAnnotator
 from pipelines.headpose import CONVENTION, mae_block, spiga_on_boxes
-from pipelines.reports import provenance, read_model_manifest, write_json
+from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.sources import aflw2000 as A
 from pipelines.sources.facesynthetics import SampleError, read_image
 from stages import config as C
+
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+PARAMS = ("base.profile", "base.seed", "base.device", "validate_headpose")
 
 log = logging.getLogger("stages.validate_headpose")
 
@@ -125,17 +129,19 @@ def validate(base: C.Base, cfg: ValidateHeadposeConfig, raw_dir: Path = RAW_DIR,
                              + (" (meaningless here: see notes)" if info.standin or embedded else "")),
         "notes": notes, "data_source": {k: v for k, v in source.items() if k != "poses"},
         "uses_standin_models": info.standin, "uses_embedded_sample": embedded,
-        "provenance": provenance([info], params={"base": dataclasses.asdict(base),
-                                                 "validate_headpose": dataclasses.asdict(cfg)}),
+        **provenance([info], params={"base": dataclasses.asdict(base), "validate_headpose": dataclasses.asdict(cfg)}),
     }
-    write_json(report_path, report)
+    # metrics: the counts and the MAE per estimator per angle; the rest (protocol, convention, published
+    # figures, notes, data source, models, params) goes to the .provenance.json
+    write_report(report_path, *split_report(report, ("counts", "mae_degrees", "uses_standin_models",
+                                                     "uses_embedded_sample")))
     return report
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the stage (``argv``: the command line, for tests)."""
     args = C.cli(__doc__, argv)
-    base, cfg = C.load(ValidateHeadposeConfig, "validate_headpose", C.read_params(args.params), args.profile)
+    base, cfg = C.load(ValidateHeadposeConfig, "validate_headpose", C.read_params(args.params, PARAMS), args.profile)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = validate(base, cfg)
     log.info("wrote %s: %s", REPORT, {k: v["overall"] for k, v in report["mae_degrees"].items()})

@@ -16,3 +16,32 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def committed_params_text(repo: Path = REPO_ROOT) -> str:
+    """params.yaml as git holds it (``git show :params.yaml``: the committed file, or a change you staged with
+    ``git add``), never the working copy: a user's applied experiment (`dvc exp apply`, an edited profile) must
+    not change what the tests check. Outside a git checkout (an unpacked archive) the file on disk is all there is."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "show", ":params.yaml"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (repo / "params.yaml").read_text()
+
+
+def committed_params(repo: Path = REPO_ROOT) -> dict:
+    """The committed params.yaml, parsed (a fresh dict each call: tests edit it)."""
+    import yaml
+
+    return yaml.safe_load(committed_params_text(repo))
+
+
+def write_committed_params(dest: Path) -> Path:
+    """Write the committed params.yaml to ``dest`` (a file, or a folder that gets params.yaml)."""
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / "params.yaml"
+    dest.write_text(committed_params_text())
+    return dest

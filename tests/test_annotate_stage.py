@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import committed_params
 
 from pipelines.faces.spiga import WEIGHTS_FILE, build_spiga_standin
-from pipelines.reports import ModelInfo, read_json, write_model_manifest
+from pipelines.reports import ModelInfo, provenance_path, read_json, write_model_manifest
 from pipelines.shards import SUMMARY, read_shards
 from pipelines.sources.facesynthetics import BOX_OFF_IMAGE
 from stages import annotate
@@ -49,9 +50,9 @@ def make_project(path: Path, shared: dict, **annotate_sample) -> Path:
     (path / "data" / "models").mkdir(parents=True)
     (path / "data" / "raw" / "facesynthetics").symlink_to(shared["raw"])
     (path / "data" / "models" / "spiga").symlink_to(shared["models"])
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = committed_params()
     params["base"].update(device="cpu", profile="sample")
-    params["annotate"]["sample"].update({"batch_size": 2, "num_workers": 0, "shard_size": 2, **annotate_sample})
+    params["annotate"].update({"batch_size": 2, "num_workers": 0, "shard_size": 2, **annotate_sample})
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     return path
 
@@ -100,8 +101,14 @@ def test_shards_and_summary(done, shared):
     assert summary["model"]["standin"] is True and summary["uses_standin_model"] is True
     assert summary["model"]["id"] == WEIGHTS_FILE
     assert summary["runtime"]["device"] == "cpu" and summary["runtime"]["precision"] == "fp32"
-    assert summary["this_run"]["items_processed"] == 8 and summary["this_run"]["shards_reused"] == 0
-    assert summary["this_run"]["num_shards"] == 4 and summary["throughput"]["items_per_second"] > 0
+    assert set(summary) == {"model", "uses_standin_model", "runtime", "config", "counts"}  # data: no timings
+    run = read_json(done / annotate.RUN_REPORT)  # this run's figures: a metrics file, beside its provenance
+    assert run["this_run"] == {"items_processed": 8, "shards_reused": 0, "num_shards": 4, "failed": 5}
+    assert run["throughput"]["items_per_second"] > 0 and run["throughput"]["items"] == 8
+    assert run["uses_standin_models"] is True
+    details = read_json(provenance_path(done / annotate.RUN_REPORT))
+    assert details["model"]["id"] == WEIGHTS_FILE and details["throughput_scope"] == "all processes"
+    assert details["failures_this_run"] == expected_failed
 
 
 def test_rerun_reuses_all_shards(tmp_path, shared, done, monkeypatch):
@@ -114,7 +121,11 @@ def test_rerun_reuses_all_shards(tmp_path, shared, done, monkeypatch):
     shutil.copytree(out_dir(done), out)
     summary = annotate.main([])
     assert summary["this_run"] == {**summary["this_run"], "items_processed": 0, "shards_reused": 4}
-    assert summary["throughput"] == read_json(out_dir(done) / SUMMARY)["throughput"]  # carried, not lost
+    assert (out / SUMMARY).read_bytes() == (out_dir(done) / SUMMARY).read_bytes()  # data: the same bytes
+    shutil.copy(done / annotate.RUN_REPORT, annotate.RUN_REPORT)  # the previous run's report (dvc persist)
+    summary = annotate.main([])
+    assert summary["throughput"] == read_json(done / annotate.RUN_REPORT)["throughput"]  # carried, not lost
+    assert read_json(annotate.RUN_REPORT)["throughput"] == summary["throughput"]
     assert read_shards(out).equals(read_shards(out_dir(done)))
 
 
@@ -144,7 +155,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path, shared, done):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert read_shards(out).equals(read_shards(out_dir(done)))
     summary = read_json(out / SUMMARY)
-    assert summary["this_run"]["shards_reused"] == len(kept)
+    assert read_json(project / annotate.RUN_REPORT)["this_run"]["shards_reused"] == len(kept)
     assert summary["counts"] == read_json(out_dir(done) / SUMMARY)["counts"]
     assert not list(out.glob(".tmp-*"))
 

@@ -9,12 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import committed_params
 from PIL import Image
+from test_reports import assert_readable_metrics
 
 from pipelines import facesynthetics_dataset as D
 from pipelines.faces.draw import draw_landmarks
 from pipelines.hfdata import read_card_metadata
-from pipelines.reports import ModelInfo, read_json
+from pipelines.reports import ModelInfo, provenance_path, read_json
 from stages import assemble as A
 from stages.config import ParamError, load
 
@@ -48,7 +50,7 @@ SPIGA = ModelInfo("spiga", "spiga_300wpublic.pt", "f" * 64, "built by code", Tru
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, repo_root):
     """ids 000000-000004: 000002's annotation failed, 000004 has no caption; 3 rows are kept."""
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = committed_params()
     params["base"]["profile"] = "sample"
     params["assemble"]["validation_count"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -76,9 +78,8 @@ def workdir(tmp_path, monkeypatch, repo_root):
     captions = tmp_path / "data/interim/facesynthetics/captions"
     write_table(annotations, ann_rows, ANN_SCHEMA)
     write_table(captions, cap_rows, CAP_SCHEMA)
-    (annotations / "summary.json").write_text(json.dumps({"model": SPIGA.to_dict(), "runtime": {"device": "cpu"},
-                                                           "throughput": {"items_per_second": 12.5}}))
-    (captions / "summary.json").write_text(json.dumps({"model": None, "throughput": None}))
+    (annotations / "summary.json").write_text(json.dumps({"model": SPIGA.to_dict(), "runtime": {"device": "cpu"}}))
+    (captions / "summary.json").write_text(json.dumps({"model": None}))
     # a stale file from an earlier run must disappear
     (tmp_path / "data/datasets/facesynthetics_spiga/data").mkdir(parents=True)
     (tmp_path / "data/datasets/facesynthetics_spiga/data/train-00000-of-00009.parquet").write_bytes(b"old")
@@ -112,18 +113,19 @@ def test_assemble_end_to_end(workdir):
         drawn = draw_landmarks(src[:68] + OFFSET, size=512, line_width=4)
         assert np.array_equal(np.asarray(row["conditioning_image"].convert("RGB")), drawn)
 
-    report = read_json(workdir / "reports/datasets/facesynthetics_spiga.json")
+    report_path = workdir / "reports/datasets/facesynthetics_spiga.json"
+    report, details = read_json(report_path), read_json(provenance_path(report_path))
+    assert_readable_metrics(report_path)
     assert report["rows"] == {"train": 2, "validation": 1, "total": 3}
     assert report["skipped"] == {"corrupt_image": 1, "missing_caption": 1} and report["skipped_total"] == 2
     assert report["landmark_nme"]["count"] == 3
     assert report["landmark_nme"]["mean"] == pytest.approx(5 / 150, abs=1e-5)  # 5 px over 150 px
     assert report["landmark_nme"]["failure_rate"] == 0.0  # 0.033 < 0.08
-    assert "inter-ocular" in report["landmark_nme"]["label"]
-    assert report["throughput_images_per_s"]["annotate"] == 12.5
-    assert report["throughput_images_per_s"]["assemble"] > 0
+    assert "inter-ocular" in details["landmark_nme"]["label"] and details["landmark_nme"]["failure_threshold"] == 0.08
+    assert report["assemble_images_per_s"] > 0  # annotate's and caption's are in their own run reports
     assert report["uses_standin_models"] is True and report["uses_embedded_sample"] is True
-    assert report["provenance"]["models"]["spiga"]["revision"] == "f" * 64
-    assert report["data_source"]["source"] == "embedded"
+    assert details["models"]["spiga"]["revision"] == "f" * 64
+    assert details["data_source"]["source"] == "embedded" and details["params"]["assemble"]["validation_count"] == 1
 
     card = (out / "README.md").read_text()
     meta = read_card_metadata(out / "README.md")
@@ -138,8 +140,8 @@ def test_assemble_end_to_end(workdir):
 def test_validation_count_is_capped_and_workers_keep_order(workdir):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["assemble"]["validation_count"] = 10
-    params["assemble"]["sample"]["num_workers"] = 2
-    params["assemble"]["sample"]["rows_per_file"] = 1
+    params["assemble"]["num_workers"] = 2
+    params["assemble"]["rows_per_file"] = 1
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     A.main(["--params", "params.yaml"])
     report = read_json(workdir / "reports/datasets/facesynthetics_spiga.json")
@@ -172,7 +174,7 @@ def test_split_is_deterministic():
 
 
 def test_config_validation(repo_root):
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = committed_params()
     _, cfg = load(A.AssembleConfig, "assemble", params, "real")
     assert cfg.validation_count == 1000 and cfg.num_workers == 8
     params["assemble"]["line_width"] = 0

@@ -4,9 +4,10 @@ import json
 import datasets
 import pytest
 import yaml
+from conftest import committed_params
 
 from pipelines.hfdata import read_card_metadata
-from pipelines.reports import read_json
+from pipelines.reports import provenance_path, read_json
 from pipelines.sources import coco as S
 from stages import assemble_coco, bench_coco_select, fetch_coco, select_coco
 from stages.config import ParamError, load
@@ -15,9 +16,9 @@ from stages.config import ParamError, load
 @pytest.fixture
 def params(tmp_path, monkeypatch, repo_root):
     """The repo's params.yaml (sample profile) with a small synthetic file for the selection benchmark."""
-    merged = yaml.safe_load((repo_root / "params.yaml").read_text())
+    merged = committed_params()
     merged["base"]["profile"] = "sample"
-    merged["bench_coco_select"] = {"num_images": 300, "num_persons": 700, "sample": {}, "real": {}}
+    merged["bench_coco_select"] = {"num_images": 300, "num_persons": 700}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(merged))
     monkeypatch.chdir(tmp_path)
     return merged
@@ -32,7 +33,7 @@ def test_both_profiles_parse_and_bad_values_are_named(params):
     bad = {**params, "select_coco": {**params["select_coco"], "face_visibility": 3}}
     with pytest.raises(ParamError, match="select_coco.face_visibility"):
         load(select_coco.SelectCocoConfig, "select_coco", bad)
-    bad = {**params, "fetch_coco": {"sample": {"source": "local"}}}
+    bad = {**params, "fetch_coco": {**params["fetch_coco"], "source": "local"}}
     with pytest.raises(ParamError, match="fetch_coco.local_dir"):
         load(fetch_coco.FetchCocoConfig, "fetch_coco", bad)
 
@@ -58,11 +59,14 @@ def test_stages_end_to_end(params, tmp_path):
     assert read_json("data/raw/coco/images/SOURCE.json")["counts"]["present"] == 5
 
     assemble_coco.main([])
-    report = read_json("reports/datasets/coco_humans.json")
+    report = read_json("reports/datasets/coco_humans.json")  # numbers; the rest in coco_humans.provenance.json
+    details = read_json(provenance_path("reports/datasets/coco_humans.json"))
     assert report["rows"] == {"train": 3, "validation": 2, "total": 5}
     assert report["skipped"]["train"]["missing_image"] == 1
-    assert report["selection"]["train"]["removed"]["malformed_annotation"] == 1
-    assert report["uses_embedded_sample"] is True
+    assert report["selection"]["train"] == {"num_images": 12, "kept": 4}
+    assert details["selection"]["train"]["removed"]["malformed_annotation"] == 1
+    assert details["rule_order"] == list(select_coco.RULES) and details["image_fetch"]["counts"]["missing"] == 1
+    assert report["uses_embedded_sample"] is True and report["uses_standin_models"] is False
     ds = datasets.load_dataset("data/datasets/coco_humans")
     assert set(ds) == {"train", "validation"} and ds["train"].num_rows == 3 and ds["validation"].num_rows == 2
     row = ds["train"][0]
@@ -84,7 +88,7 @@ def test_missing_selection_is_a_clear_error(params):
 def test_local_source_copies_annotations_and_images(params, tmp_path):
     local = tmp_path / "mycoco"
     S.write_coco_sample(local, seed=1)
-    local_params = {**params, "fetch_coco": {"sample": {"source": "local", "local_dir": str(local)}}}
+    local_params = {**params, "fetch_coco": {**params["fetch_coco"], "source": "local", "local_dir": str(local)}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(local_params))
     fetch_coco.main(["annotations"])
     select_coco.main([])
@@ -97,3 +101,5 @@ def test_bench_small(params):
     r = json.loads(open("reports/bench/coco_select.json").read())
     assert r["synthetic_file"]["num_images"] == 300 and r["synthetic_file"]["num_persons"] == 700
     assert r["peak_rss_mib"] > 0 and r["total_seconds"] >= 0 and set(r["removed"]) == set(select_coco.RULES)
+    details = read_json(provenance_path("reports/bench/coco_select.json"))
+    assert details["machine"]["cpus"] > 0 and {"min_side", "max_persons"} <= set(details["rule"]) and details["limit"]

@@ -5,6 +5,7 @@ from typing import Literal
 
 import pytest
 import yaml
+from conftest import committed_params
 
 from stages import config as C
 
@@ -37,6 +38,20 @@ COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}
 SECTIONS = sorted({section for _, _, section in STAGES.values()})
 
 
+def stage_config(stage: str, params: dict, profile: str | None):
+    """``(base, config)`` of ``stage`` parsed the way its ``main`` does: from the keys its module declares only."""
+    module_name, cls_name, section = {**STAGES, **COMMANDS}[stage]
+    module = importlib.import_module(module_name)
+    keys = [k.format(section=section) for k in module.PARAMS]
+    mine = C.declared(params, keys)
+    if cls_name is None:
+        return module.load_config(mine, section, profile)
+    extra = {}
+    if section == "train_controlnet":
+        extra["validation_extra_prompts"] = C.value(mine, "generate.off_distribution_prompts", profile or "sample")
+    return C.load(getattr(module, cls_name), section, mine, profile, extra=extra)
+
+
 @dataclass(frozen=True)
 class Toy:
     mode: Literal["a", "b"]
@@ -45,10 +60,31 @@ class Toy:
     name: str | None = None
 
 
-def test_profile_overrides_shared_keys():
-    params = {"s": {"n": 1, "mode": "a", "sample": {"n": 2}, "real": {"n": 3, "mode": "b"}}}
-    assert C.section(params, "s", "sample") == {"n": 2, "mode": "a"}
-    assert C.section(params, "s", "real") == {"n": 3, "mode": "b"}
+def test_per_profile_values_resolve_at_any_depth():
+    params = {"s": {"n": {"sample": 2, "real": 3}, "mode": "a", "spec": {"sample": {"x": 1}, "real": {"x": {"sample": 0, "real": 5}}}}}
+    assert C.section(params, "s", "sample") == {"n": 2, "mode": "a", "spec": {"x": 1}}
+    assert C.section(params, "s", "real") == {"n": 3, "mode": "a", "spec": {"x": 5}}
+    assert C.value(params, "s.n", "real") == 3
+    with pytest.raises(C.ParamError, match="s.n: differs by profile, but the stage does not declare base.profile"):
+        C.section(params, "s", None)
+
+
+def test_an_override_of_a_per_profile_key_wins_in_every_profile():
+    """The defect this design removes: a top-level value that a profile sub-section silently overrode."""
+    params = {"s": {"n": 30, "mode": "a"}}  # what `-S s.n=30` leaves of {sample: 2, real: 3}
+    assert C.section(params, "s", "sample")["n"] == C.section(params, "s", "real")["n"] == 30
+
+
+def test_a_stage_gets_only_the_keys_it_declares(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"base": {"profile": "sample", "seed": 1, "device": "cpu"}, "a": {"k": 1}, "b": {"k": 2}}))
+    params = C.read_params(path, ["base.profile", "a"])
+    assert params == {"base": {"profile": "sample"}, "a": {"k": 1}}
+    assert C.load_base(params).device is None
+    with pytest.raises(C.ParamError, match="'b' is missing or not declared"):
+        C.section(params, "b", "sample")
+    with pytest.raises(C.ParamError, match="has no a.nope"):
+        C.read_params(path, ["a.nope"])
 
 
 @pytest.mark.parametrize("values, message", [
@@ -70,16 +106,16 @@ def test_parse_converts_and_defaults():
 
 
 def test_bad_profile_is_rejected(repo_root):
-    params = C.read_params(repo_root / "params.yaml")
+    params = committed_params()
     with pytest.raises(C.ParamError, match="base.profile"):
         C.section(params, "annotate", "staging")
 
 
 def test_dvc_stages_and_params_sections_match(repo_root):
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
-    params = C.read_params(repo_root / "params.yaml")
+    params = committed_params()
     assert set(dvc) == set(STAGES)
-    assert set(params) == {"base", *SECTIONS, *(section for _, _, section in COMMANDS.values())}
+    assert set(params) == {"base", "controlnets", *SECTIONS, *(section for _, _, section in COMMANDS.values())}
     for name, stage in dvc.items():
         module, _, section = STAGES[name]
         stage = stage.get("do", stage)  # a foreach stage: its template
@@ -92,35 +128,33 @@ def test_dvc_stages_and_params_sections_match(repo_root):
 
 
 def test_every_generated_model_is_made_by_a_stage(repo_root):
-    """generate/evaluate run once per generate.models entry; each ControlNet folder is some stage's output."""
+    """generate/evaluate run once per controlnets entry; each ControlNet folder is some stage's output, and neither
+    stage depends on the list itself (adding a model runs only its own two stages)."""
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
-    params = C.read_params(repo_root / "params.yaml")
+    params = committed_params()
     for name in ("generate", "evaluate"):
-        assert dvc[name]["foreach"] == "${generate.models}" and "--model ${key}" in dvc[name]["do"]["cmd"]
-    assert "${item}" in dvc["generate"]["do"]["deps"]
+        assert dvc[name]["foreach"] == "${controlnets}" and "--model ${key}" in dvc[name]["do"]["cmd"]
+        assert "controlnets" not in dvc[name]["do"]["params"]
+    assert "--controlnet ${item}" in dvc["generate"]["do"]["cmd"] and "${item}" in dvc["generate"]["do"]["deps"]
     outs = {next(iter(o)) if isinstance(o, dict) else o for s in dvc.values() for o in s.get("outs", [])}
-    models = params["generate"]["models"]
+    models = params["controlnets"]
     assert set(models) == {"uncannyfaces_25K", "controlnet_landmarks"}
     for model, folder in models.items():
-        assert folder in outs, f"generate.models.{model}: {folder} is no stage's output"
+        assert folder in outs, f"controlnets.{model}: {folder} is no stage's output"
 
 
 @pytest.mark.parametrize("profile", C.PROFILES)
 @pytest.mark.parametrize("stage", sorted(STAGES) + sorted(COMMANDS))
-def test_every_stage_config_is_complete_and_valid(repo_root, stage, profile):
-    """The real configuration cannot run here, but it must parse and validate like the sample one."""
-    module, cls_name, section = {**STAGES, **COMMANDS}[stage]
-    params = C.read_params(repo_root / "params.yaml")
-    if cls_name is None:
-        base, cfg = importlib.import_module(module).load_config(params, section, profile)
-    else:
-        base, cfg = C.load(getattr(importlib.import_module(module), cls_name), section, params, profile)
-    assert base.profile == profile
+def test_every_stage_config_is_complete_and_valid(stage, profile):
+    """The real configuration cannot run here, but it must parse and validate like the sample one, from the
+    keys the stage declares."""
+    base, cfg = stage_config(stage, committed_params(), profile)
+    assert base.profile in (profile, None)
     assert cfg is not None
 
 
 def test_real_profile_points_at_the_real_sources(repo_root):
-    params = C.read_params(repo_root / "params.yaml")
+    params = committed_params()
     fetch = C.section(params, "fetch_facesynthetics", "real")
     assert fetch["source"] == "official"
     assert fetch["url"].format(subset=fetch["subset"]) == \
@@ -137,12 +171,12 @@ def test_real_profile_sections_agree(repo_root):
     one epoch of them (the seed: three epochs overfit), and generation has the conditions it asks for."""
     from pipelines.sources.facesynthetics import SUBSET_SIZES
     from pipelines.training.controlnet import epochs_seen
-    from stages.train_controlnet import OVERFIT_EPOCHS, TrainControlNetConfig
+    from stages.schemas.train_controlnet import OVERFIT_EPOCHS
 
-    params = C.read_params(repo_root / "params.yaml")
+    params = committed_params()
     faces = SUBSET_SIZES[C.section(params, "fetch_facesynthetics", "real")["subset"]]
     validation = C.section(params, "assemble", "real")["validation_count"]
-    base, train = C.load(TrainControlNetConfig, "train_controlnet", params, "real")
+    base, train = stage_config("train_controlnet", params, "real")
     train_rows = faces - validation
     assert train_rows > 10 * validation
     epochs = epochs_seen(train.max_train_steps, train.settings(base.seed), 1, train_rows)

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import committed_params
 
 from pipelines.sources.downloads import DownloadError, download
 
@@ -170,8 +171,8 @@ def test_connection_refused_names_url(tmp_path):
 def _stage_dir(tmp_path: Path, repo_root: Path, monkeypatch, section_edit=None) -> Path:
     import yaml
 
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["fetch_facesynthetics"]["sample"]["num_faces"] = 3
+    params = committed_params()
+    params["fetch_facesynthetics"]["num_faces"] = 3
     if section_edit:
         section_edit(params["fetch_facesynthetics"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -210,8 +211,8 @@ def test_stage_official_with_local_server(tmp_path, repo_root, monkeypatch):
     srv = Server(payload)
     try:
         def edit(sec):
-            sec["real"]["url"] = srv.url.replace("dataset_100", "{subset}")
-            sec["real"]["subset"] = "dataset_100"
+            sec["url"] = srv.url.replace("dataset_100", "{subset}")
+            sec["subset"] = "dataset_100"
         work = tmp_path / "work"
         work.mkdir()
         _stage_dir(work, repo_root, monkeypatch, edit)
@@ -228,9 +229,9 @@ def test_stage_official_with_local_server(tmp_path, repo_root, monkeypatch):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s["sample"].update(source="ftp"), r"fetch_facesynthetics\.source: 'ftp' is not one of"),
-    (lambda s: s["sample"].update(url="https://x/{subset}.zip"), r"fetch_facesynthetics\.url: only used with source 'official'"),
-    (lambda s: s["sample"].pop("num_faces"), r"fetch_facesynthetics\.num_faces: source 'embedded' needs num_faces"),
+    (lambda s: s.update(source="ftp"), r"fetch_facesynthetics\.source: 'ftp' is not one of"),
+    (lambda s: s.update(source="official", url="ftp://x/{subset}.zip"), r"fetch_facesynthetics\.url: expected an http\(s\) URL"),
+    (lambda s: s.pop("num_faces"), r"fetch_facesynthetics\.num_faces: source 'embedded' needs num_faces"),
 ])
 def test_stage_bad_params(tmp_path, repo_root, monkeypatch, edit, message):
     from stages import config as C

@@ -1,8 +1,8 @@
 """fetch_models: stand-ins built like real checkpoints and loaded by the real loaders; real sources fail clearly offline."""
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import committed_params, write_committed_params
 
 from pipelines.captions import BlipCaptioner
 from pipelines.faces.spiga import SpigaAnnotator
@@ -14,7 +14,7 @@ from pipelines.sources.downloads import DownloadError
 def test_sample_profile_builds_loadable_standins(tmp_path: Path, repo_root: Path, monkeypatch) -> None:
     from stages import fetch_models
 
-    shutil.copy(repo_root / "params.yaml", tmp_path)
+    write_committed_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     fetch_models.main([])
     spiga, blip = read_model_manifest("data/models/spiga"), read_model_manifest("data/models/blip")
@@ -40,8 +40,8 @@ def test_spiga_from_the_hub_is_rejected(tmp_path: Path, repo_root: Path) -> None
     from stages import config as C
     from stages.fetch_models import load_config
 
-    params = C.read_params(repo_root / "params.yaml")
-    params["fetch_models"]["real"]["spiga"] = {"source": "hub", "id": "x/y", "revision": "main"}
+    params = committed_params()
+    params["fetch_models"]["spiga"]["real"] = {"source": "hub", "id": "x/y", "revision": "main"}
     with pytest.raises(C.ParamError, match="fetch_models.spiga.source"):
         load_config(params, "fetch_models", "real")
 
@@ -50,8 +50,8 @@ def test_unknown_standin_role_is_rejected(repo_root: Path) -> None:
     from stages import config as C
     from stages.fetch_models import load_config
 
-    params = C.read_params(repo_root / "params.yaml")
-    params["fetch_models"]["sample"]["gpt"] = {"source": "standin"}
+    params = committed_params()
+    params["fetch_models"]["gpt"] = {"source": "standin"}
     with pytest.raises(C.ParamError, match="fetch_models.gpt.source: no stand-in exists"):
         load_config(params, "fetch_models", "sample")
 

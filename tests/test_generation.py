@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import committed_params
 from PIL import Image, ImageDraw
+from test_reports import assert_readable_metrics
 
 from pipelines import generation as G
 from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
 from pipelines.model_store import make_standin
-from pipelines.reports import read_json
+from pipelines.reports import provenance_path, read_json
 from stages import generate as S
 from stages.config import ParamError, load
 
@@ -59,7 +61,7 @@ def test_standins_have_the_real_layout_and_load(standins, pipe):
     assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.text_encoder, CLIPTextModel)
     assert isinstance(pipe.tokenizer, CLIPTokenizer) and isinstance(pipe.scheduler, UniPCMultistepScheduler)
     assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
-    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size * 2 == RES
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size * 8 == RES  # SD's downscale
     assert json.loads((sd / "scheduler/scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
 
 
@@ -110,7 +112,7 @@ def test_upcast_vae_decode_takes_half_latents():
     vae = G.upcast_vae_decode(AutoencoderKL(**G.TINY_VAE).to(torch.bfloat16))
     assert vae.dtype == torch.float32
     out = vae.decode(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), return_dict=False)[0]
-    assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16)
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 64, 64)
 
 
 def test_sample_grid_layout():
@@ -164,14 +166,14 @@ MODEL = "uncannyfaces_25K"
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, repo_root):
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = committed_params()
     params["base"].update(profile="sample", device="cpu")
-    params["generate"]["sample"].update(max_images=2, off_distribution_conditions=5)  # capped at the 2 conditions
+    params["generate"].update(max_images=2, off_distribution_conditions=5)  # capped at the 2 conditions
     params["generate"].update(grid_size=3, off_distribution_prompts=["a cat", "a red sports car"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_dataset(tmp_path / S.DATASET_DIR)
     make_standin("sd_base", tmp_path / S.SD_DIR)
-    make_standin("controlnet", tmp_path / params["generate"]["models"][MODEL])
+    make_standin("controlnet", tmp_path / params["controlnets"][MODEL])
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.chdir(tmp_path)
     return tmp_path, params
@@ -182,7 +184,7 @@ def test_stage_end_to_end(workdir, pipe):
     out = root / "data/generated" / MODEL
     (out / "images").mkdir(parents=True)
     (out / "images/stale.png").write_bytes(b"old")  # emptied first
-    summary = S.main(["--model", MODEL])
+    summary = S.main(["--model", MODEL, "--controlnet", params["controlnets"][MODEL]])
 
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000003.png", "000005.png"]
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -208,9 +210,10 @@ def test_stage_end_to_end(workdir, pipe):
     saved = read_json(out / "summary.json")
     assert saved["count"] == summary["count"] == 2 and saved["uses_standin_models"] is True
     assert saved["off_distribution"] | {"grid": None} == {"prompts": 2, "conditions": 2, "images": 4, "grid": None}
-    assert saved["images_made"] == 6 and saved["controlnet_dir"] == params["generate"]["models"][MODEL]
+    assert saved["images_made"] == 6 and saved["controlnet_dir"] == params["controlnets"][MODEL]
     assert saved["models"]["sd_base"]["standin"] and saved["models"]["controlnet"]["standin"]
-    assert saved["images_per_second"] > 0 and saved["params"]["scheduler"] == "unipc" and "STAND-IN" in saved["note"]
+    assert saved["params"]["scheduler"] == "unipc" and "STAND-IN" in saved["note"]
+    assert "seconds" not in saved and "images_per_second" not in saved  # a data output: no timings
     assert saved["runtime"]["device"] == "cpu" and saved["runtime"]["precision"] == "fp32"
 
     grid = Image.open(root / "reports/plots/samples" / f"{MODEL}.png")
@@ -222,30 +225,34 @@ def test_stage_end_to_end(workdir, pipe):
 
     bench = read_json(S.bench_path(MODEL))
     assert bench["images"] == 2 and bench["batch_4"]["batch_size"] == 4 and bench["batch_1"]["images_per_second"] > 0
-    assert bench["uses_standin_models"] is True and bench["device"] == "cpu" and "STAND-IN" in bench["note"]
+    assert bench["generation"]["images"] == 6 and bench["generation"]["images_per_second"] > 0  # the whole run
+    details = read_json(provenance_path(S.bench_path(MODEL)))
+    assert bench["uses_standin_models"] is True and details["device"] == "cpu" and "STAND-IN" in details["note"]
+    assert details["models"]["controlnet"]["standin"] and details["model_name"] == MODEL
+    assert assert_readable_metrics(S.bench_path(MODEL))["resolution"] == RES
 
 
-def test_unknown_model_is_named(workdir):
-    with pytest.raises(ParamError, match="generate.models has no 'nope'; known: ") as exc:
-        S.main(["--model", "nope"])
-    assert "uncannyfaces_25K" in str(exc.value) and "controlnet_landmarks" in str(exc.value)
+def test_bad_model_name_and_missing_controlnet_are_named(workdir):
+    with pytest.raises(ParamError, match="--model: '../x' must be a plain folder name"):
+        S.main(["--model", "../x", "--controlnet", "data/models/controlnet"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        S.main(["--model", "other", "--controlnet", "nowhere"])
 
 
 @pytest.mark.parametrize("key,value", [("scheduler", "plms"), ("batch_size", 0), ("resolution", 60),
-                                       ("models", {"../x": "folder"}), ("models", {}), ("max_images", 0),
+                                       ("max_images", 0),
                                        ("precision", "fp8"), ("off_distribution_prompts", []),
                                        ("off_distribution_prompts", ["a cat", "a cat"]),
                                        ("off_distribution_conditions", 0)])
 def test_bad_params_are_named(repo_root, key, value):
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    target = params["generate"]["sample"] if key in params["generate"]["sample"] else params["generate"]
-    target[key] = value
+    params = committed_params()
+    params["generate"][key] = value
     with pytest.raises(ParamError, match=f"generate.{key}"):
         load(S.GenerateConfig, "generate", params, "sample")
 
 
 def test_repo_params_parse_for_both_profiles(repo_root):
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = committed_params()
     for profile in ("sample", "real"):
         _, cfg = load(S.GenerateConfig, "generate", params, profile)
         assert cfg.scheduler == "unipc"

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import committed_params
 
 from pipelines.faces.boxes import face_box_from_landmarks
 from pipelines.faces.pose import ours_to_spiga_rotation
@@ -16,31 +17,32 @@ from pipelines.sources.sample_faces import write_sample
 SECTIONS = """
 headpose_facesynthetics:
   direction_thresholds: {yaw: 15.0, pitch: 10.0}
-  sample: {rows_per_file: 16}
-  real: {rows_per_file: 1000}
+  rows_per_file: {sample: 16, real: 1000}
 headpose_photos:
   name: photos
   direction_thresholds: {yaw: 15.0, pitch: 10.0}
   detector_threshold: 0.5
-  detector_upsample: 0
+  detector_upsample: {sample: 0, real: 1}
   multiple_faces_dominance: 2.0
-  sample: {source: embedded, batch_size: 4, rows_per_file: 16}
-  real: {source: hf, hf_dataset: nielsr/CelebA-faces, hf_split: train, hf_image_column: image, max_images: 10000,
-         detector_upsample: 1, batch_size: 64, rows_per_file: 1000}
+  source: {sample: embedded, real: hf}
+  batch_size: {sample: 4, real: 64}
+  rows_per_file: {sample: 16, real: 1000}
+  hf_dataset: nielsr/CelebA-faces
+  hf_split: train
+  hf_image_column: image
+  max_images: {sample: null, real: 10000}
 validate_headpose:
   box_margin: 5
-  sample: {source: embedded, num_faces: 6, batch_size: 4}
-  real: {source: official, batch_size: 64}
+  source: {sample: embedded, real: official}
+  num_faces: 6
+  batch_size: {sample: 4, real: 64}
 """
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from pathlib import Path
-
-    repo_root = Path(__file__).resolve().parents[1]
     tmp = tmp_path_factory.mktemp("headpose")
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = committed_params()
     params["base"]["profile"] = "sample"
     params.update(yaml.safe_load(SECTIONS))
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
@@ -60,7 +62,7 @@ def test_real_profiles_parse(workdir):
         for profile in ("sample", "real"):
             C.load(cls, name, params, profile)
     bad = json.loads(json.dumps(params))
-    bad["headpose_photos"]["sample"]["source"] = "web"
+    bad["headpose_photos"]["source"] = "web"
     with pytest.raises(C.ParamError, match="headpose_photos.source"):
         C.load(HeadposePhotosConfig, "headpose_photos", bad, "sample")
 
@@ -115,7 +117,12 @@ def test_validate_headpose_stage(workdir, monkeypatch):
     gt = report["mae_degrees"]["pnp_on_ground_truth_landmarks"]
     assert gt["count"] == 5 and gt["overall"] < 1.0
     assert report["uses_standin_models"] and report["notes"]
-    assert (workdir / "reports/datasets/headpose_validation.json").is_file()
+    path = workdir / "reports/datasets/headpose_validation.json"  # the numbers; the rest beside it
+    metrics, details = json.loads(path.read_text()), json.loads(path.with_name("headpose_validation.provenance.json").read_text())
+    assert metrics["counts"] == report["counts"] and metrics["mae_degrees"]["pnp_on_ground_truth_landmarks"]["count"] == 5
+    assert metrics["uses_standin_models"] is True and "notes" not in metrics and "convention" not in metrics
+    assert details["notes"] == report["notes"] and details["models"]["spiga"]["standin"] is True
+    assert details["published_overall_mae_degrees"]["6DRepNet"] == 3.97
 
 
 def test_headpose_photos_stage_counts_face_free_image(workdir, monkeypatch):

@@ -1,7 +1,11 @@
 """requirements.lock and pyproject.toml agree, and the environment running the tests is the locked one."""
 import re
-import tomllib
 from importlib import metadata
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import pytest
 from packaging.markers import Marker

@@ -1,6 +1,7 @@
 """The whole sample DAG (`dvc repro`) in a temporary copy of the repository, asserting on its files."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_committed_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +27,7 @@ def sample_run(tmp_path_factory, ):
     repo = Path(__file__).resolve().parents[1]
     work = tmp_path_factory.mktemp("dag") / "repo"
     shutil.copytree(repo, work, ignore=COPY_IGNORE)
+    write_committed_params(work)  # never the user's working params
     # The COCO selection benchmark runs at train2017's size by default (~90 s); its own test covers it.
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["bench_coco_select"].update(num_images=500, num_persons=1100)
@@ -61,9 +64,13 @@ def test_report_counts_skips_and_says_standin(sample_run):
     assert report["rows"]["total"] == 24
     assert report["skipped"] == {"missing_image": 1, "corrupt_image": 1, "bad_landmarks": 1, "wrong_image_size": 1}
     assert report["uses_standin_models"] is True
-    assert report["landmark_nme"]["count"] == 24
-    for stage in ("annotate", "caption", "assemble"):
-        assert report["throughput_images_per_s"][stage] > 0, stage
+    assert report["landmark_nme"]["count"] == 24 and report["assemble_images_per_s"] > 0
+    details = json.loads((work / "reports/datasets/facesynthetics_spiga.provenance.json").read_text())
+    assert details["models"]["spiga"]["standin"] is True and details["data_source"]["source"] == "embedded"
+    for stage, out in (("annotate", "annotations"), ("caption", "captions")):  # run reports: data hold no timings
+        run = json.loads((work / f"reports/bench/{stage}.json").read_text())
+        assert run["throughput"]["items_per_second"] > 0, stage
+        assert "throughput" not in json.loads((work / f"data/interim/facesynthetics/{out}/summary.json").read_text())
 
 
 def test_benchmark_written_with_ratios(sample_run):
@@ -83,6 +90,27 @@ def test_second_repro_does_nothing_and_metrics_show(sample_run):
     shown = sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], work, env)
     assert "facesynthetics_spiga.json" in shown
     assert "reports/metrics/uncannyfaces_25K.json" in shown and "reports/metrics/controlnet_landmarks.json" in shown
+    assert ".provenance.json" not in shown  # the details beside each metrics file are not metrics
+
+
+def test_metrics_files_hold_numbers_only(sample_run):
+    """Every metrics file under reports/ holds tens of numbers at most and no text; the rest is in its
+    .provenance.json (the DVCLive log metrics.json, numbers only too, has none)."""
+    work, _, _ = sample_run
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    files = sorted(p for p in (work / "reports").rglob("*.json") if not p.name.endswith(".provenance.json"))
+    assert len(files) >= 14, files
+    for path in files:
+        values = dict(leaves(json.loads(path.read_text())))
+        assert len(values) < 40, (path, len(values))
+        assert all(v is None or isinstance(v, (bool, int, float)) for v in values.values()), (path, values)
+        if path.name != "metrics.json":
+            assert isinstance(values["uses_standin_models"], bool), path
+            assert path.with_name(path.stem + ".provenance.json").is_file(), path
 
 
 @pytest.mark.parametrize("model, folder", [("uncannyfaces_25K", "data/models/controlnet"),
@@ -92,26 +120,27 @@ def test_generation_and_metrics_report_per_model(sample_run, model, folder):
     same generate/evaluate; each report names the ControlNet it evaluated."""
     work, _, _ = sample_run
     report = json.loads((work / f"reports/metrics/{model}.json").read_text())
+    prov = json.loads((work / f"reports/metrics/{model}.provenance.json").read_text())
     manifest = json.loads((work / folder / "facecontrol_model.json").read_text())
-    assert report["model_name"] == model and report["models"]["controlnet"]["id"] == manifest["id"]
-    assert report["models"]["controlnet"]["revision"] == manifest["revision"]
+    assert prov["model_name"] == model and prov["models"]["controlnet"]["id"] == manifest["id"]
+    assert prov["models"]["controlnet"]["revision"] == manifest["revision"]
     if model == "controlnet_landmarks":
         assert manifest["id"] == "facecontrol/controlnet_landmarks"
     assert report["num_images"] == 4 and report["uses_standin_models"] is True
-    assert report["fid"]["implementation"].startswith("clean-fid") and report["fid"]["mode"] == "clean"
+    assert prov["fid"]["implementation"].startswith("clean-fid") and prov["fid"]["mode"] == "clean"
     ref = json.loads((work / "data/metrics/reference/facesynthetics_spiga_validation.json").read_text())
-    assert report["fid"]["reference_sha256"] == ref["sha256"]
+    assert prov["fid"]["reference_sha256"] == ref["sha256"]
     assert report["kid"]["value"] is not None and report["inception_score"]["mean"] >= 1.0 - 1e-6
     assert report["control"]["count"] == 4 and report["control"]["landmark_nme"]["count"] == 4
     for role in ("sd_base", "controlnet", "inception", "clip", "spiga"):
-        assert report["models"][role]["standin"] is True, role
+        assert prov["models"][role]["standin"] is True, role
     prompts = yaml.safe_load((work / "params.yaml").read_text())["generate"]["off_distribution_prompts"]
     adherence = report["prompt_adherence"]
-    assert adherence["num_images"] == len(prompts) and set(adherence["per_prompt"]) == set(prompts)
+    assert adherence["num_images"] == len(prompts) and set(prov["prompt_adherence"]["per_prompt"]) == set(prompts)
     assert 0.0 <= adherence["prompt_win_rate"] <= 1.0
     for plot in (f"{model}.png", f"{model}_off_distribution.png"):
         assert (work / "reports/plots/samples" / plot).is_file()
-    assert json.loads((work / f"reports/bench/generate_{model}.json").read_text())["model_name"] == model
+    assert json.loads((work / f"reports/bench/generate_{model}.provenance.json").read_text())["model_name"] == model
 
 
 def test_coco_humans_dataset(sample_run):
@@ -155,17 +184,69 @@ def test_training_benchmark_report(sample_run):
     assert all(r["steps_per_second"] > 0 and r["peak_memory_gib"] > 0 for r in bench["configs"].values())
 
 
+def test_readme_inspection_commands_run(sample_run):
+    """The README's offline commands that inspect a run: metrics, params, plots, experiments, every stage's --help."""
+    work, env, _ = sample_run
+    dvc = [sys.executable, "-m", "dvc"]
+    shown = sh([*dvc, "metrics", "show"], work, env)
+    assert "reports/metrics/uncannyfaces_25K.json" in shown
+    sh([*dvc, "metrics", "diff", "HEAD"], work, env)
+    sh([*dvc, "params", "diff", "HEAD"], work, env)
+    sh([*dvc, "plots", "show", "--json"], work, env)
+    sh([*dvc, "exp", "show", "--no-pager", "--md"], work, env)
+    for stage in sorted(p.stem for p in (work / "stages").glob("*.py") if p.stem not in ("__init__", "config")):
+        assert "usage:" in sh([sys.executable, "-m", f"stages.{stage}", "--help"], work, env), stage
+
+
+def test_exp_run_override_takes_effect(sample_run):
+    """The README's `dvc exp run -S generate.guidance_scale=5 -S generate.num_inference_steps=30`, run by DVC: the
+    experiment re-runs generate and evaluate only, with the new values, and params.yaml stays valid."""
+    work, env, _ = sample_run
+    out = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "generate.guidance_scale=5",
+              "-S", "generate.num_inference_steps=30"], work, env)
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {f"{s}@{m}" for s in ("generate", "evaluate") for m in ("uncannyfaces_25K", "controlnet_landmarks")}, out
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert params["generate"]["num_inference_steps"] == 30 and params["generate"]["guidance_scale"] == 5
+    assert params["train_controlnet"]["mixed_precision"] == {"sample": "fp32", "real": "fp16"}  # kept as written
+    for model in ("uncannyfaces_25K", "controlnet_landmarks"):
+        bench = json.loads((work / f"reports/bench/generate_{model}.json").read_text())
+        assert bench["num_inference_steps"] == 30, model
+    table = sh([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--csv", "--only-changed"], work, env)
+    assert "generate.num_inference_steps" in table.splitlines()[0]  # the changed param is a column
+
+
 def test_longer_training_resumes_from_the_persisted_checkpoint(sample_run):
     """Raising max_train_steps re-runs the stage under DVC; the checkpoints (persist: true) survive and it
     continues from the newest. Runs last: it changes the trained model for the rest of the module."""
     work, env, _ = sample_run
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["train_controlnet"]["sample"]["max_train_steps"] = 6
+    params["train_controlnet"]["max_train_steps"] = 6
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh([sys.executable, "-m", "dvc", "repro", "train_controlnet"], work, env)
     summary = json.loads((work / "reports/train/controlnet_landmarks/summary.json").read_text())
-    assert summary["resumed_from"].endswith("checkpoint-4") and summary["steps_this_run"] == 2
+    details = json.loads((work / "reports/train/controlnet_landmarks/summary.provenance.json").read_text())
+    assert details["resumed_from"].endswith("checkpoint-4") and summary["steps_this_run"] == 2
     loss = (work / "reports/train/controlnet_landmarks/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [row.split("\t")[0] for row in loss[1:]] == ["1", "2", "3", "4", "5", "6"]
     assert sorted(p.name for p in (work / "models/controlnet_landmarks_checkpoints").iterdir()) == \
         ["checkpoint-4", "checkpoint-6"]
+
+
+def test_make_real_stops_at_the_first_download_offline(sample_run):
+    """`make real` (dvc exp run -S base.profile=real) runs as far as it can offline: the first stage that needs the
+    network stops with the one-line offline error (exit 2, no traceback), and params.yaml stays valid. Runs last."""
+    work, env, _ = sample_run
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "base.profile=real"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    params = yaml.safe_load((work / "params.yaml").read_text())  # valid YAML, every stage's config parses
+    assert params["base"]["profile"] == "real"
+    from test_config import STAGES, stage_config
+
+    for name in STAGES:
+        stage_config(name, params, None)

@@ -9,10 +9,12 @@ import datasets
 import numpy as np
 import pytest
 import yaml
+from conftest import committed_params
 from huggingface_hub import CommitInfo, HfApi, constants
 
 from pipelines import hfdata
 from pipelines import publish as P
+from pipelines.reports import read_report, write_report
 from stages import publish as S
 
 ROWS = {"train": 5, "validation": 2}
@@ -44,10 +46,10 @@ def make_dataset(root: Path, name: str = "tiny") -> tuple[Path, Path]:
                                     "## License\n\nFaceSynthetics license.")
     report = root / "reports" / "datasets" / f"{name}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps({"rows": ROWS, "uses_standin_models": True, "train_controlnet_flags":
-                                  f"--dataset_name={out} --image_column=image",
-                                  "provenance": {"models": {"spiga": {"id": "s", "revision": "r", "standin": True}},
-                                                 "params": {"assemble": {"rows_per_file": 3}}}}))
+    write_report(report, {"rows": ROWS, "uses_standin_models": True}, {
+                 "train_controlnet_flags": f"--dataset_name={out} --image_column=image",
+                 "models": {"spiga": {"id": "s", "revision": "r", "standin": True}},
+                 "params": {"assemble": {"rows_per_file": 3}}})  # + tiny.provenance.json, as assemble writes it
     return out, report
 
 
@@ -99,7 +101,7 @@ class Spy:
 def test_staged_folder_loads_and_card_matches_features(ds, tmp_path, monkeypatch):
     src, report = ds
     out = tmp_path / "staging"
-    files = P.build_staging(src, out, report=json.loads(report.read_text()), repo_id="me/tiny")
+    files = P.build_staging(src, out, report=read_report(report), repo_id="me/tiny")
     rel = [p.relative_to(out).as_posix() for p in files]
     assert rel == ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
                    "data/validation-00000-of-00001.parquet", "sample_grid.png"]
@@ -115,6 +117,7 @@ def test_staged_folder_loads_and_card_matches_features(ds, tmp_path, monkeypatch
     assert "](sample_grid.png)" in text and 'load_dataset("me/tiny")' in text
     assert "--dataset_name=me/tiny" in text and str(src) not in text
     assert text.index("## Source licenses and terms") < text.index("## License")
+    assert "- model `spiga`: `s` at `r` (stand-in, random weights)" in text and "rows_per_file: 3" in text
     from PIL import Image
     assert Image.open(out / "sample_grid.png").size == (2 * 160, 2 * 160)  # 2 validation rows x (image | cond)
     # the parquet files are linked, not copied, and the dataset folder is untouched
@@ -152,9 +155,9 @@ def test_bad_repo_id_errors_before_anything(ds, tmp_path, bad, monkeypatch):
 # ------------------------------------------------------------------------------------- the command
 
 def _params(tmp_path: Path, repo_root: Path, **publish) -> Path:
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = committed_params()
     params["publish"] = {"dataset": "tiny", "repo_id": None, "revision": "main", "private": True, "create_pr": False,
-                         "large_threshold_bytes": 5_000_000_000, "sample": {}, "real": {}, **publish}
+                         "large_threshold_bytes": 5_000_000_000, **publish}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import committed_params
 from PIL import Image, ImageDraw
+from test_reports import assert_readable_metrics
 
 from pipelines import generation as G
 from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
 from pipelines.model_store import make_standin
-from pipelines.reports import read_json
+from pipelines.reports import provenance_path, read_json
 from pipelines.training import controlnet as T
 from stages import train_controlnet as S
 from stages.config import ParamError, load
@@ -28,34 +30,21 @@ train_controlnet:
   checkpoints_total_limit: 2
   validation_guidance_scale: 7.5
   validation_scheduler: unipc
-  validation_extra_prompts: [a cat, a red sports car]
   proportion_empty_prompts: 0.0
   lr_scheduler: constant
   lr_warmup_steps: 0
   adam_weight_decay: 0.01
   max_grad_norm: 1.0
-  sample:
-    resolution: 64
-    learning_rate: 1.0e-4
-    train_batch_size: 2
-    mixed_precision: "no"
-    max_train_steps: 4
-    checkpointing_steps: 2
-    validation_steps: 2
-    num_validation_images: 2
-    validation_inference_steps: 2
-    dataloader_num_workers: 0
-  real:
-    resolution: 512
-    learning_rate: 1.0e-5
-    train_batch_size: 4
-    mixed_precision: fp16
-    max_train_steps: 25000
-    checkpointing_steps: 5000
-    validation_steps: 5000
-    num_validation_images: 4
-    validation_inference_steps: 20
-    dataloader_num_workers: 8
+  resolution: {sample: 64, real: 512}
+  learning_rate: {sample: 0.0001, real: 1.0e-05}
+  train_batch_size: {sample: 2, real: 4}
+  mixed_precision: {sample: fp32, real: fp16}
+  max_train_steps: {sample: 4, real: 25000}
+  checkpointing_steps: {sample: 2, real: 5000}
+  validation_steps: {sample: 2, real: 5000}
+  num_validation_images: {sample: 2, real: 4}
+  validation_inference_steps: {sample: 2, real: 20}
+  dataloader_num_workers: {sample: 0, real: 8}
 """)
 
 
@@ -168,7 +157,8 @@ def test_data_order_is_a_seeded_stream():
 
 def test_conditioning_channels():
     assert T.conditioning_channels(8) == (16, 32, 96, 256)  # diffusers' default, SD's VAE
-    assert T.conditioning_channels(2) == G.TINY_CONDITIONING_CHANNELS
+    assert T.conditioning_channels(8) == G.CONDITIONING_CHANNELS  # the stand-in's VAE downscales by 8 too
+    assert T.conditioning_channels(2) == (16, 32)
     with pytest.raises(ValueError):
         T.conditioning_channels(3)
 
@@ -267,7 +257,7 @@ def test_saved_model_loads_and_generates(assets, tmp_path):
                     card={"base_model": "standin/sd-tiny", "dataset": "facesynthetics_spiga", "standin": True})
     out = tmp_path / "out"
     cn = ControlNetModel.from_pretrained(str(out))
-    assert cn.dtype == torch.float32 and tuple(cn.config.conditioning_embedding_out_channels) == (16, 32)
+    assert cn.dtype == torch.float32 and tuple(cn.config.conditioning_embedding_out_channels) == G.CONDITIONING_CHANNELS
     pipe = G.load_controlnet_pipeline(assets[0], out, "unipc", "cpu", "fp32")
     images = G.generate_images(pipe, [condition(1)], ["a face"], [7], RES, 2, 7.5)
     assert images[0].size == (RES, RES) and np.asarray(images[0]).std() > 0
@@ -296,9 +286,10 @@ def test_mixed_precision_keeps_controlnet_fp32(assets, tmp_path):
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, repo_root):
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = committed_params()
     params["base"].update(profile="sample", device="cpu")
     params.update(json.loads(json.dumps(SECTION)))
+    params["generate"]["off_distribution_prompts"] = ["a cat", "a red sports car"]  # the grid's extra rows
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_dataset(tmp_path / S.DATASET_DIR)
     make_standin("sd_base", tmp_path / "data/models/sd_base")
@@ -330,7 +321,10 @@ def test_stage_end_to_end(workdir):
     assert not np.array_equal(grid[2 * RES:3 * RES, RES:], grid[:RES, RES:])  # ...and seed, another prompt
     saved = read_json(S.SUMMARY_FILE)
     assert saved["global_step"] == summary["global_step"] == 4 and saved["uses_standin_models"] is True
-    assert saved["steps_per_second"] > 0 and saved["params"]["learning_rate"] == 1e-4
+    details = read_json(provenance_path(S.SUMMARY_FILE))  # the run's numbers above; params, models... here
+    assert saved["steps_per_second"] > 0 and details["params"]["learning_rate"] == 1e-4
+    assert details["models"]["sd_base"]["standin"] is True and details["resumed_from"] is None
+    assert assert_readable_metrics(S.SUMMARY_FILE)["finished"] is True
     assert saved["train_rows"] == 4 and saved["epochs"] == pytest.approx(4 * 2 / 4)  # 4 steps x batch 2
 
     # rerun after it finished: resumes at step 4, trains nothing, saves the same model again
@@ -348,7 +342,7 @@ def test_stage_end_to_end(workdir):
 def test_params_profiles_and_errors(workdir):
     _, params = workdir
     base, sample = load(S.TrainControlNetConfig, "train_controlnet", params, "sample")
-    assert sample.resolution == 64 and sample.max_train_steps == 4 and sample.mixed_precision == "no"
+    assert sample.resolution == 64 and sample.max_train_steps == 4 and sample.mixed_precision == "fp32"
     _, real = load(S.TrainControlNetConfig, "train_controlnet", params, "real")
     assert (real.resolution, real.learning_rate, real.train_batch_size, real.max_train_steps) == (512, 1e-5, 4, 25000)
     assert real.checkpointing_steps == real.validation_steps == 5000
@@ -356,7 +350,7 @@ def test_params_profiles_and_errors(workdir):
 
     def bad(**kw):
         p = json.loads(json.dumps(params))
-        p["train_controlnet"]["sample"].update(kw)
+        p["train_controlnet"].update(kw)
         return load(S.TrainControlNetConfig, "train_controlnet", p, "sample")
 
     with pytest.raises(ParamError, match=r"train_controlnet\.learning_rate: must be > 0"):
@@ -375,7 +369,7 @@ def test_params_profiles_and_errors(workdir):
 
 def test_fp16_on_the_cpu_is_refused_before_training(workdir):
     root, params = workdir
-    params["train_controlnet"]["sample"]["mixed_precision"] = "fp16"
+    params["train_controlnet"]["mixed_precision"] = "fp16"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamError, match=r"train_controlnet\.mixed_precision: fp16 needs a CUDA GPU"):
         S.main([])

@@ -288,6 +288,13 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_
         return float(kernel_distance(a, b, num_subsets=num_subsets, max_subset_size=max_subset_size))
 
 
+def reference_paths(out_dir: str | Path, dataset: str, split: str) -> tuple[Path, Path]:
+    """``(npz, json)`` of the reference statistics of ``dataset``'s ``split`` under ``out_dir`` (the one naming
+    rule the writer and the readers share)."""
+    out_dir = Path(out_dir)
+    return out_dir / f"{dataset}_{split}.npz", out_dir / f"{dataset}_{split}.json"
+
+
 def save_reference(path_npz: str | Path, features: np.ndarray) -> dict:
     """Write features, mu and sigma to ``path_npz`` (deterministic bytes); return sha256, count and dim."""
     path = Path(path_npz)

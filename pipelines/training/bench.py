@@ -26,7 +26,7 @@ from pipelines.training.controlnet import TrainSettings, train_controlnet
 
 log = logging.getLogger("pipelines.training.bench")
 GIB = 1024 ** 3
-BASELINE = ("no", False)  # (mixed_precision, gradient_checkpointing) the ratios are taken against
+BASELINE = ("fp32", False)  # (mixed_precision, gradient_checkpointing) the ratios are taken against
 
 
 def measure_training(settings: TrainSettings, pretrained_dir: str | Path, dataset_dir: str | Path,
@@ -99,7 +99,7 @@ def _measure_or_oom(settings: TrainSettings, *args: Any, **kwargs: Any) -> dict:
 
 def config_name(mixed_precision: str, gradient_checkpointing: bool) -> str:
     """The report key of one configuration, e.g. ``bf16+checkpointing`` or ``fp32``."""
-    return f"{'fp32' if mixed_precision == 'no' else mixed_precision}{'+checkpointing' if gradient_checkpointing else ''}"
+    return f"{mixed_precision}{'+checkpointing' if gradient_checkpointing else ''}"
 
 
 def run_matrix(settings: TrainSettings, pretrained_dir: str | Path, dataset_dir: str | Path, work_dir: str | Path, *,

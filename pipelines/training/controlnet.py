@@ -53,7 +53,7 @@ IMAGES_DIR = Path("plots/images/validation")
 GRID_CELL_MAX = 256
 #: diffusers' default ControlNet condition embedding (SD: VAE downscale 8 = three stride-2 convolutions)
 DEFAULT_CONDITIONING_CHANNELS = (16, 32, 96, 256)
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class TrainSettings:
     train_batch_size: int = 4  # per process
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "fp32"  # fp32 | fp16 | bf16 (accelerate calls fp32 "no")
     max_train_steps: int = 25000
     checkpointing_steps: int = 5000
     checkpoints_total_limit: int | None = 2
@@ -192,8 +192,8 @@ def step_generator(seed: int, micro_step: int, process_index: int = 0) -> torch.
 
 def conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
     """The condition embedding channels that bring a full-size condition to the latent size: diffusers'
-    ``(16, 32, 96, 256)`` (downscale 8) cut to ``log2(vae_scale_factor) + 1`` blocks (the tiny stand-in
-    VAE downscales by 2: ``(16, 32)``)."""
+    ``(16, 32, 96, 256)`` (downscale 8: SD's VAE and the stand-in's) cut to ``log2(vae_scale_factor) + 1``
+    blocks for a VAE that downscales less (2: ``(16, 32)``)."""
     k = int(round(math.log2(vae_scale_factor)))
     if 2 ** k != vae_scale_factor or not 0 < k < len(DEFAULT_CONDITIONING_CHANNELS):
         raise ValueError(f"VAE downscale {vae_scale_factor} is not 2, 4 or 8")
@@ -484,9 +484,9 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
     from diffusers.optimization import get_scheduler
 
     s = settings
-    accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps,
-                              cpu=cpu)
-    weight_dtype = _DTYPES[accelerator.mixed_precision]
+    accelerator = Accelerator(mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision,
+                              gradient_accumulation_steps=s.gradient_accumulation_steps, cpu=cpu)
+    weight_dtype = _DTYPES[s.mixed_precision]
     rank, world = accelerator.process_index, accelerator.num_processes
     output_dir, checkpoints_dir, log_dir = Path(output_dir), Path(checkpoints_dir), Path(log_dir)
 
@@ -615,7 +615,7 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
         "global_step": global_step, "steps_this_run": steps_done, "seconds": seconds,
         "steps_per_second": steps_done / seconds if seconds > 0 and steps_done else None,
         "resumed_from": resumed_from, "final_loss": last["loss"], "final_lr": last["lr"],
-        "num_processes": world, "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+        "num_processes": world, "mixed_precision": s.mixed_precision, "device": str(accelerator.device),
         "train_rows": len(train), "epochs": epochs_seen(global_step, s, world, len(train)),
         "finished": global_step >= s.max_train_steps,
         "controlnet_dtype": str(next(accelerator.unwrap_model(controlnet).parameters()).dtype).replace("torch.", ""),
