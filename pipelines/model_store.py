@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 from pipelines.reports import ModelInfo, write_model_manifest
-from pipelines.standins import STANDIN_NOTE, build_standin
+from pipelines.standins import STANDIN_NOTE
+from pipelines.standins.registry import build_standin
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -87,9 +88,32 @@ def fetch_weights_file(role: str, url: str, file_name: str, dest: str | Path, ca
 DEFAULT_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
 
 
+def link_tree(src: str | Path, dest: str | Path, skip: tuple[str, ...] = (".cache",)) -> None:
+    """Mirror the files under ``src`` into ``dest`` as hard links (copies across file systems), leaving out the
+    top-level names in ``skip``."""
+    import os
+
+    src, dest = Path(src), Path(dest)
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] in skip or not path.is_file():
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+
 def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path,
-                       allow_patterns: list[str] | None = None) -> ModelInfo:
-    """Resolve ``revision`` to a commit, download that snapshot into ``dest``, write the manifest."""
+                       allow_patterns: list[str] | None = None, cache_dir: str | Path | None = None) -> ModelInfo:
+    """Resolve ``revision`` to a commit, get that snapshot, lay it into ``dest``, write the manifest.
+
+    With ``cache_dir`` the snapshot is kept in ``cache_dir/hub/<repo>/<commit>/`` (outside the DVC output, which
+    DVC deletes before a stage re-runs) and ``dest`` gets hard links to it: a rerun of the same commit downloads
+    nothing again, and an interrupted download resumes. A ``revision`` that is a branch is resolved at every run;
+    the commit it gave is the manifest's ``revision`` (pin a commit in params to freeze it)."""
     from huggingface_hub import HfApi, snapshot_download
 
     from pipelines.sources.downloads import DownloadError
@@ -99,10 +123,15 @@ def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path,
     except Exception as exc:  # offline, unknown repo or revision, gated, no network: say which model
         raise DownloadError(f"{repo_id}@{revision}: cannot resolve the revision on the Hugging Face Hub "
                             f"({type(exc).__name__}: {exc})") from exc
+    patterns = allow_patterns or DEFAULT_HUB_PATTERNS
     dest = _fresh(Path(dest))
-    snapshot_download(repo_id, revision=commit, local_dir=dest,
-                      allow_patterns=allow_patterns or DEFAULT_HUB_PATTERNS)
-    shutil.rmtree(dest / ".cache", ignore_errors=True)
+    if cache_dir is None:
+        snapshot_download(repo_id, revision=commit, local_dir=dest, allow_patterns=patterns)
+        shutil.rmtree(dest / ".cache", ignore_errors=True)
+    else:
+        local = Path(cache_dir) / "hub" / repo_id.replace("/", "--") / commit
+        snapshot_download(repo_id, revision=commit, local_dir=local, allow_patterns=patterns)
+        link_tree(local, dest)
     info = ModelInfo(name=role, id=repo_id, revision=commit, source=f"https://huggingface.co/{repo_id}", standin=False)
     write_model_manifest(dest, info)
     return info

@@ -23,7 +23,7 @@ from pipelines.sources.facesynthetics import list_samples
 from stages import config
 from stages.schemas.annotate import AnnotateConfig
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "base.image_size", "annotate")
 
 log = logging.getLogger("stages.annotate")

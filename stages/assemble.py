@@ -17,7 +17,7 @@ from pathlib import Path
 from pipelines.facesynthetics_dataset import AssemblyOptions, assemble_dataset
 from stages import config as C
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.image_size", "assemble")
 
 log = logging.getLogger(__name__)

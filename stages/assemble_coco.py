@@ -16,7 +16,7 @@ from pipelines.reports import provenance, read_json, split_report, write_report
 from pipelines.sources.coco import load_coco
 from stages import config as C
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "assemble_coco")
 
 ROOT = Path("data/raw/coco")

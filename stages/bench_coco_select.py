@@ -25,7 +25,7 @@ from pipelines.sources.coco import write_synthetic_annotations
 from stages import config as C
 from stages.schemas.select_coco import SelectCocoConfig
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.seed", "bench_coco_select", "select_coco")
 
 REPORT = Path("reports/bench/coco_select.json")

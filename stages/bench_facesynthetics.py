@@ -29,7 +29,7 @@ from stages import config as C
 from stages.schemas.annotate import AnnotateConfig
 from stages.schemas.caption import CaptionConfig
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "base.image_size", "bench_facesynthetics", "annotate", "caption")
 
 RAW = Path("data/raw/facesynthetics")

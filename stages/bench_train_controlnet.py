@@ -29,7 +29,7 @@ from pipelines.training.bench import BASELINE, config_name, run_matrix
 from stages.config import ParamError, cli, load, positive, read_params, run, value
 from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "bench_train_controlnet", "train_controlnet", PROMPTS_KEY)
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")
 

@@ -19,7 +19,7 @@ from pipelines.sources.facesynthetics import list_samples
 from stages.config import cli, load, read_params, run
 from stages.schemas.caption import CaptionConfig
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "base.image_size", "caption")
 
 RAW_DIR = Path("data/raw/facesynthetics")

@@ -27,7 +27,7 @@ from pipelines.reports import provenance, read_model_manifest, split_report, wri
 from pipelines.runtime import init_runtime
 from stages import config as C
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py): the reference split, and the
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py): the reference split, and the
 # face box margin of the annotator it re-detects landmarks with
 PARAMS = ("base.profile", "base.seed", "base.device", "evaluate", "reference_stats.split", "annotate.box_margin")
 

@@ -24,7 +24,7 @@ from pipelines.reports import read_json, write_json
 from pipelines.sources import coco as S
 from stages import config as C
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "fetch_coco")
 
 ANNOTATIONS_ROOT = Path("data/raw/coco")  # annotations live in data/raw/coco/annotations

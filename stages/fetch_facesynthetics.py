@@ -20,7 +20,7 @@ from pipelines.sources.facesynthetics import list_samples
 from pipelines.sources.sample_faces import write_sample
 from stages import config as C
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.image_size", "fetch_facesynthetics")
 
 OUT_DIR = Path("data/raw/facesynthetics")

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.model_store import fetch_hub_snapshot, fetch_weights_file, make_standin
-from pipelines.standins import BUILDERS
+from pipelines.standins.registry import BUILDERS
 from stages import config as C
 
-# the params keys this stage reads for --section S (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads for --section S (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "{section}")
 MODELS_DIR = Path("data/models")
 CACHE_DIR = Path("data/cache/models")
@@ -65,7 +65,7 @@ def fetch(role: str, src: ModelSource, seed: int) -> str:
     elif src.source == "url":
         info = fetch_weights_file(role, src.url, src.id, dest, CACHE_DIR, sha256=src.sha256)
     else:
-        info = fetch_hub_snapshot(role, src.id, src.revision, dest, allow_patterns=src.allow_patterns)
+        info = fetch_hub_snapshot(role, src.id, src.revision, dest, allow_patterns=src.allow_patterns, cache_dir=CACHE_DIR)
     kind = "STAND-IN (random weights)" if info.standin else "real"
     return f"{role}: {info.id} @ {info.revision[:12]} [{kind}]"
 

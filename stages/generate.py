@@ -56,7 +56,7 @@ from pipelines.runtime import Runtime, init_runtime, synchronize
 from pipelines.standins import STANDIN_NOTE
 from stages.config import ParamError, cli, load, model_argument, positive, read_params, run
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py); the model comes from the command
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py); the model comes from the command
 PARAMS = ("base.profile", "base.seed", "base.device", "generate")
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")

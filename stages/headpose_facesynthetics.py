@@ -19,7 +19,7 @@ from pipelines.sources.facesynthetics import SampleError, read_image, sample_pat
 from stages import config as C
 from stages.schemas.headpose import DirectionThresholds
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "headpose_facesynthetics")
 
 log = logging.getLogger("stages.headpose_facesynthetics")

@@ -35,7 +35,7 @@ from pipelines.reports import read_model_manifest, write_json
 from stages import config as C
 from stages.schemas.headpose import DirectionThresholds
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "headpose_photos")
 
 log = logging.getLogger("stages.headpose_photos")

@@ -25,7 +25,7 @@ from pipelines.publish import PublishError, StagedFile, check_repo_id, format_tr
 from pipelines.reports import read_report, write_json
 from stages import config as C
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("publish",)
 
 log = logging.getLogger(__name__)

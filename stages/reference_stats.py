@@ -16,7 +16,7 @@ from pipelines.reports import provenance, read_model_manifest, write_json
 from pipelines.runtime import init_runtime
 from stages.config import ParamError, cli, load, positive, read_params, run
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "reference_stats")
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")

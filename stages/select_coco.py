@@ -15,7 +15,7 @@ from pipelines.sources import coco as S
 from stages import config as C
 from stages.schemas.select_coco import SelectCocoConfig
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("select_coco",)
 
 ROOT = Path("data/raw/coco")

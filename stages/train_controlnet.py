@@ -39,7 +39,7 @@ from pipelines.training.controlnet import train_controlnet
 from stages.config import ParamError, cli, load, read_params, run, value
 from stages.schemas.train_controlnet import OVERFIT_EPOCHS, PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "train_controlnet", PROMPTS_KEY)
 
 DATASET_DIR = Path("data/datasets/facesynthetics_spiga")

@@ -26,7 +26,7 @@ from pipelines.sources import aflw2000 as A
 from pipelines.sources.facesynthetics import SampleError, read_image
 from stages import config as C
 
-# the params keys this stage reads (dvc.yaml lists the same: tests/test_config.py)
+# the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "validate_headpose")
 
 log = logging.getLogger("stages.validate_headpose")

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from conftest import committed_params
 
-from pipelines.faces.spiga import WEIGHTS_FILE, build_spiga_standin
+from pipelines.faces.spiga import WEIGHTS_FILE
 from pipelines.reports import ModelInfo, provenance_path, read_json, write_model_manifest
 from pipelines.shards import SUMMARY, read_shards
 from pipelines.sources.facesynthetics import BOX_OFF_IMAGE
+from pipelines.standins.spiga import build_spiga_standin
 from stages import annotate
 from stages.config import ParamError
 

@@ -18,15 +18,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from conftest import committed_params
 
-from pipelines.captions import (  # noqa: E402
-    BLIP_IMAGE_SIZE,
-    BLIP_MAX_NEW_TOKENS,
-    BlipCaptioner,
-    build_blip_standin,
-    original_caption,
-)
+from pipelines.captions import BLIP_MAX_NEW_TOKENS, BlipCaptioner, original_caption  # noqa: E402
 from pipelines.reports import ModelInfo, write_model_manifest  # noqa: E402
 from pipelines.shards import read_shards  # noqa: E402
+from pipelines.standins.blip import BLIP_IMAGE_SIZE, build_blip_standin  # noqa: E402
 from stages.config import ParamError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

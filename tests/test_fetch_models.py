@@ -36,6 +36,37 @@ def test_hub_source_offline_names_the_model(tmp_path: Path) -> None:
     assert not (tmp_path / "blip").exists()  # nothing half-written
 
 
+def test_hub_snapshot_is_kept_outside_the_output(tmp_path: Path, monkeypatch) -> None:
+    """DVC deletes a stage's outputs before it re-runs: the snapshot lives in the cache folder and the output
+    gets links to it, so a rerun (a code edit elsewhere, a second profile switch) downloads nothing again."""
+    import huggingface_hub
+
+    downloaded = []
+
+    class Api:
+        def model_info(self, repo_id, revision):
+            return type("Info", (), {"sha": "c" * 40})()
+
+    def snapshot_download(repo_id, revision, local_dir, allow_patterns):
+        local_dir = Path(local_dir)
+        for name in ("config.json", "unet/model.safetensors"):
+            if not (local_dir / name).is_file():  # what the hub client does: skip files already there
+                (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                (local_dir / name).write_text(name)
+                downloaded.append(name)
+        (local_dir / ".cache").mkdir(exist_ok=True)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for _ in range(2):
+        info = fetch_hub_snapshot("sd_base", "org/sd", "main", tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert downloaded == ["config.json", "unet/model.safetensors"]  # once
+    assert info.revision == "c" * 40 and (tmp_path / "cache/hub/org--sd" / ("c" * 40) / "config.json").is_file()
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()) == \
+        ["config.json", "facecontrol_model.json", "unet/model.safetensors"]
+
+
 def test_spiga_from_the_hub_is_rejected(tmp_path: Path, repo_root: Path) -> None:
     from stages import config as C
     from stages.fetch_models import load_config

@@ -14,6 +14,7 @@ from pipelines import generation as G
 from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
 from pipelines.model_store import make_standin
 from pipelines.reports import provenance_path, read_json
+from pipelines.standins import stable_diffusion as SD
 from stages import generate as S
 from stages.config import ParamError, load
 
@@ -36,7 +37,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return G.build_sd_standin(root / "sd_base", seed=0), G.build_controlnet_standin(root / "controlnet", seed=0)
+    return SD.build_sd_standin(root / "sd_base", seed=0), SD.build_controlnet_standin(root / "controlnet", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,8 @@ def test_standins_have_the_real_layout_and_load(standins, pipe):
 
 
 def test_controlnet_standin_bytes_are_reproducible(tmp_path):
-    a, b = G.build_controlnet_standin(tmp_path / "a", 0), G.build_controlnet_standin(tmp_path / "b", 0)
-    c = G.build_controlnet_standin(tmp_path / "c", 1)
+    a, b = SD.build_controlnet_standin(tmp_path / "a", 0), SD.build_controlnet_standin(tmp_path / "b", 0)
+    c = SD.build_controlnet_standin(tmp_path / "c", 1)
     w = "diffusion_pytorch_model.safetensors"
     assert (a / w).read_bytes() == (b / w).read_bytes() != (c / w).read_bytes()
 
@@ -95,7 +96,7 @@ def test_scheduler_names_map_to_classes(tmp_path):
                 "dpm": "DPMSolverMultistepScheduler"}
     from diffusers import PNDMScheduler
 
-    config = PNDMScheduler(**G.SD_SCHEDULER).config
+    config = PNDMScheduler(**SD.SD_SCHEDULER).config
     for name, cls in expected.items():
         sched = G.make_scheduler(name, config)
         assert type(sched).__name__ == cls and sched.config.beta_schedule == "scaled_linear"
@@ -109,7 +110,7 @@ def test_upcast_vae_decode_takes_half_latents():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = G.upcast_vae_decode(AutoencoderKL(**G.TINY_VAE).to(torch.bfloat16))
+    vae = G.upcast_vae_decode(AutoencoderKL(**SD.TINY_VAE).to(torch.bfloat16))
     assert vae.dtype == torch.float32
     out = vae.decode(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), return_dict=False)[0]
     assert out.dtype == torch.float32 and out.shape == (1, 3, 64, 64)

@@ -125,3 +125,18 @@ def test_select_face_rule():
 def test_mae_block_wraps_and_ignores_nan():
     m = mae_block(np.array([[179, 0, 0], [0, 0, 0]]), np.array([[-179, 2, 4], [np.nan, 0, 0]]))
     assert m["count"] == 1 and m["yaw"] == pytest.approx(2) and m["overall"] == pytest.approx(8 / 3)
+
+
+def test_sample_mat_files_are_the_same_bytes_every_run(tmp_path):
+    """scipy writes the creation time into a .mat header; the sample's files must not change run to run."""
+    import numpy as np
+    import scipy.io
+
+    arrays = {"Pose_Para": np.zeros((1, 7)), "pt3d_68": np.ones((3, 68))}
+    first = A.write_mat(tmp_path / "a.mat", arrays).read_bytes()
+    import time
+
+    time.sleep(1.1)  # the header's clock has one-second resolution
+    assert A.write_mat(tmp_path / "b.mat", arrays).read_bytes() == first
+    assert np.array_equal(scipy.io.loadmat(str(tmp_path / "b.mat"))["pt3d_68"], arrays["pt3d_68"])
+

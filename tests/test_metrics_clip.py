@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pipelines.metrics import clip_score as C
+from pipelines.standins.clip import build_clip_standin
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    return C.build_clip_standin(tmp_path_factory.mktemp("clip"), seed=0)
+    return build_clip_standin(tmp_path_factory.mktemp("clip"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_clip_score_deterministic_and_validates(clip_dir, pairs):
     pil = [__import__("PIL.Image", fromlist=["Image"]).fromarray(i) for i in images]
     a = C.clip_score(pil, texts, clip_dir)
     assert a == C.clip_score(images, texts, model_and_processor=C.load_clip(clip_dir))
-    assert C.build_clip_standin(clip_dir.parent / "again", seed=0) and \
+    assert build_clip_standin(clip_dir.parent / "again", seed=0) and \
         C.clip_score(images, texts, clip_dir.parent / "again") == a
     with pytest.raises(ValueError):
         C.clip_score(images, texts[:2], clip_dir)

@@ -12,6 +12,7 @@ from pipelines.faces.boxes import face_box_from_landmarks
 from pipelines.metrics import control as C
 from pipelines.metrics.landmarks import interocular_distance, nme, summarize_nme
 from pipelines.sources.sample_faces import project_face, render_face
+from pipelines.standins.spiga import build_spiga_standin
 
 # (yaw, pitch, roll, centre, scale) of the rendered test faces (sample_faces' convention; only the images matter)
 POSES = [(0.0, 0.0, 0.0, (256.0, 256.0), 0.5), (20.0, -10.0, 5.0, (240.0, 270.0), 0.45),
@@ -301,7 +302,7 @@ def test_control_fidelity_checks_inputs(faces):
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    return S.SpigaAnnotator.load(S.build_spiga_standin(tmp_path_factory.mktemp("spiga") / S.WEIGHTS_FILE), "cpu")
+    return S.SpigaAnnotator.load(build_spiga_standin(tmp_path_factory.mktemp("spiga") / S.WEIGHTS_FILE), "cpu")
 
 
 def test_control_fidelity_with_spiga_standin(faces, standin, dlib_hog):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from pipelines.metrics import fid as F
+from pipelines.standins import inception as SI
 
 # --- known answers for the distances (no network) -----------------------------------------------------------
 
@@ -118,11 +119,28 @@ def test_save_and_load_reference(tmp_path):
 # --- the stand-in Inception through clean-fid's loader -----------------------------------------------------
 
 
+def test_standin_constants_are_the_metrics():
+    """The stand-in states the real file's facts itself (it does not import the metric code)."""
+    assert (SI.INCEPTION_FILE, SI.FEATURE_DIM, SI.NUM_LOGITS) == (F.INCEPTION_FILE, F.FEATURE_DIM, F.NUM_LOGITS)
+
+
 @pytest.fixture(scope="module")
 def inception_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("inception")
-    assert F.build_inception_standin(d / F.INCEPTION_FILE, seed=0) == d / F.INCEPTION_FILE
+    assert SI.build_inception_standin(d / F.INCEPTION_FILE, seed=0) == d / F.INCEPTION_FILE
     return d
+
+
+def test_standin_archive_is_the_same_bytes_anywhere(inception_dir, tmp_path):
+    """DVC hashes bytes: a second build (another interpreter, another folder) gives the same file, which holds
+    no debug pickles (they name this machine's source paths) and loads as TorchScript."""
+    import zipfile
+
+    again = SI.build_inception_standin(tmp_path / "elsewhere" / F.INCEPTION_FILE, seed=0)
+    assert again.read_bytes() == (inception_dir / F.INCEPTION_FILE).read_bytes()
+    names = zipfile.ZipFile(again).namelist()
+    assert not [n for n in names if n.endswith(".debug_pkl")] and any(n.endswith("serialization_id") for n in names)
+    assert str(Path(__file__).resolve().parents[1]).encode() not in again.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +267,8 @@ def test_reference_stats_stage(tmp_path, monkeypatch, inception_dir):
         base: {profile: sample, seed: 0, device: cpu, image_size: 512, launcher: python}
         reference_stats:
           split: validation
-          batch_size: 32
-          num_workers: 0
-          sample: {batch_size: 3}
-          real: {batch_size: 128, num_workers: 8}
+          batch_size: {sample: 3, real: 128}
+          num_workers: {sample: 0, real: 8}
     """))
     report = stage.main([])
     npz = tmp_path / "data/metrics/reference/facesynthetics_spiga_validation.npz"

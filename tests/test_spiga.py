@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipelines.faces import spiga as S
+from pipelines.standins import spiga as SS
 
 BOXES_512 = [
     [156.0, 150.0, 200.0, 230.0],  # ordinary face box
@@ -28,7 +29,7 @@ def images() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory) -> S.SpigaAnnotator:
-    path = S.build_spiga_standin(tmp_path_factory.mktemp("spiga") / S.WEIGHTS_FILE, seed=0)
+    path = SS.build_spiga_standin(tmp_path_factory.mktemp("spiga") / S.WEIGHTS_FILE, seed=0)
     return S.SpigaAnnotator.load(path, "cpu", "fp32")
 
 
@@ -41,6 +42,11 @@ def test_constants_match_spiga():
     assert (db.num_landmarks, db.num_edges) == (S.NUM_LANDMARKS, S.NUM_EDGES) == (68, 13)
     assert cfg.image_size == (S.CROP_SIZE, S.CROP_SIZE) and cfg.ftmap_size == (S.FTMAP_SIZE, S.FTMAP_SIZE)
     assert (cfg.target_dist, cfg.focal_ratio, cfg.model_weights) == (S.TARGET_DIST, S.FOCAL_RATIO, S.WEIGHTS_FILE)
+
+
+def test_standin_constants_are_the_annotators():
+    """The stand-in states the released checkpoint's facts itself (it does not import the annotator)."""
+    assert (SS.NUM_LANDMARKS, SS.NUM_EDGES, SS.WEIGHTS_FILE) == (S.NUM_LANDMARKS, S.NUM_EDGES, S.WEIGHTS_FILE)
 
 
 def test_model_3d_matches_addmodel3d():
@@ -82,11 +88,11 @@ def test_crop_face_known_geometry():
 
 
 def test_standin_checkpoint_has_the_real_keys(standin, tmp_path):
-    path = S.build_spiga_standin(tmp_path / "a.pt", seed=0)
+    path = SS.build_spiga_standin(tmp_path / "a.pt", seed=0)
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert list(state) == list(S.new_model().state_dict())
     # same seed, same weights (the file is reproducible)
-    state2 = torch.load(S.build_spiga_standin(tmp_path / "b.pt", seed=0), map_location="cpu", weights_only=True)
+    state2 = torch.load(SS.build_spiga_standin(tmp_path / "b.pt", seed=0), map_location="cpu", weights_only=True)
     assert all(torch.equal(state[k], state2[k]) for k in state)
 
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from pipelines import generation as G
 from pipelines.model_store import make_standin
+from pipelines.standins import stable_diffusion as SD
 
 RES = 64  # the sample profile's resolution
 LATENT = RES // 8
@@ -79,8 +79,8 @@ def test_controlnet_from_unet_has_the_real_condition_embedding(parts, tmp_path):
     unet, text = parts["unet"], parts["text_encoder"]
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(unet)  # as the stock script does: no arguments
-    assert tuple(controlnet.config.conditioning_embedding_out_channels) == (16, 32, 96, 256) == G.CONDITIONING_CHANNELS
-    saved = ControlNetModel.from_pretrained(str(G.build_controlnet_standin(tmp_path / "cn", seed=0)))
+    assert tuple(controlnet.config.conditioning_embedding_out_channels) == (16, 32, 96, 256) == SD.CONDITIONING_CHANNELS
+    saved = ControlNetModel.from_pretrained(str(SD.build_controlnet_standin(tmp_path / "cn", seed=0)))
     for key in ("conditioning_embedding_out_channels", "block_out_channels", "cross_attention_dim",
                 "down_block_types", "attention_head_dim", "use_linear_projection"):
         assert tuple(np.atleast_1d(saved.config[key])) == tuple(np.atleast_1d(controlnet.config[key])), key

@@ -15,6 +15,7 @@ from pipelines import generation as G
 from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
 from pipelines.model_store import make_standin
 from pipelines.reports import provenance_path, read_json
+from pipelines.standins import stable_diffusion as SD
 from pipelines.training import controlnet as T
 from stages import train_controlnet as S
 from stages.config import ParamError, load
@@ -157,7 +158,7 @@ def test_data_order_is_a_seeded_stream():
 
 def test_conditioning_channels():
     assert T.conditioning_channels(8) == (16, 32, 96, 256)  # diffusers' default, SD's VAE
-    assert T.conditioning_channels(8) == G.CONDITIONING_CHANNELS  # the stand-in's VAE downscales by 8 too
+    assert T.conditioning_channels(8) == SD.CONDITIONING_CHANNELS  # the stand-in's VAE downscales by 8 too
     assert T.conditioning_channels(2) == (16, 32)
     with pytest.raises(ValueError):
         T.conditioning_channels(3)
@@ -236,6 +237,17 @@ def test_resume_equals_uninterrupted_and_checkpoint_limit(assets, tmp_path):
     np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=1e-4)
     # the ControlNet did change: its zero convolutions are not zero any more
     assert wa["controlnet_mid_block.weight"].abs().sum() > 0
+    # the process-wide RNG states a checkpoint stores are seeded: a second fresh run, started from other global RNG
+    # states (as another process would be), writes the same bytes
+    import random
+
+    random.random(), np.random.rand(), torch.rand(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(assets, tmp_path / "a2", s)
+    for name in ("random_states_0.pkl", "model.safetensors", "optimizer.bin"):
+        assert (tmp_path / "a/ckpt/checkpoint-4" / name).read_bytes() == \
+            (tmp_path / "a2/ckpt/checkpoint-4" / name).read_bytes(), name
 
 
 def test_a_changed_recipe_is_not_resumed(assets, tmp_path, caplog):
@@ -257,7 +269,7 @@ def test_saved_model_loads_and_generates(assets, tmp_path):
                     card={"base_model": "standin/sd-tiny", "dataset": "facesynthetics_spiga", "standin": True})
     out = tmp_path / "out"
     cn = ControlNetModel.from_pretrained(str(out))
-    assert cn.dtype == torch.float32 and tuple(cn.config.conditioning_embedding_out_channels) == G.CONDITIONING_CHANNELS
+    assert cn.dtype == torch.float32 and tuple(cn.config.conditioning_embedding_out_channels) == SD.CONDITIONING_CHANNELS
     pipe = G.load_controlnet_pipeline(assets[0], out, "unipc", "cpu", "fp32")
     images = G.generate_images(pipe, [condition(1)], ["a face"], [7], RES, 2, 7.5)
     assert images[0].size == (RES, RES) and np.asarray(images[0]).std() > 0

@@ -9,8 +9,10 @@ time and downloads its weights on construction. This module keeps the released m
 * :class:`SpigaAnnotator` loads a local weights file and runs any number of crops in one forward on
   any device, optionally under autocast;
 * :func:`original_inference` is the released one-image path made device-agnostic: the benchmark's
-  baseline and the reference the tests compare against;
-* :func:`build_spiga_standin` writes a random-init checkpoint of the real architecture (offline runs).
+  baseline and the reference the tests compare against.
+
+:meth:`SpigaAnnotator.load` also reads the random-init checkpoint of the real architecture that
+:func:`pipelines.standins.spiga.build_spiga_standin` writes (offline runs).
 
 Head pose (``headpose``, 6 numbers per face) is SPIGA's raw pose output:
 
@@ -229,30 +231,6 @@ class SpigaAnnotator:
         ldm = out["Landmarks"][-1].float().cpu().numpy() * CROP_SIZE
         pose = out["Pose"].float().cpu().numpy().astype(np.float64)
         return crop_to_image(ldm, crop_boxes, boxes), pose
-
-
-def build_spiga_standin(path: str | Path, seed: int = 0) -> Path:
-    """Write a stand-in ``spiga_300wpublic.pt``: the real SPIGA(68, 13) architecture with random weights.
-
-    The file is a plain ``torch.save(state_dict)`` with exactly the keys of the released checkpoint, so
-    the real loading code reads it. Random init puts the face's depth (pose ``[5]``) near 0 and the 3D
-    face projection explodes (non-finite landmarks), so the pose head ``pose_fc`` is tamed: its weights
-    are scaled by 1e-3 and its bias set to a frontal pose at a depth that fills the crop as a real face
-    box does. Outputs are then finite, inside the crop and slightly image-dependent, but they mean
-    nothing; the compute is that of the real model, so throughput measured with it is honest.
-    """
-    import torch
-
-    path = Path(path)
-    torch.manual_seed(seed)
-    model = new_model()
-    with torch.no_grad():
-        model.pose_fc.weight.mul_(1e-3)
-        # yaw, pitch, roll = 0 (frontal); x, y = 0 (nose tip on the crop centre); depth 4 (face ~ 1/1.6 of the crop)
-        model.pose_fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return path
 
 
 @functools.cache

@@ -3,9 +3,9 @@
 The model and processor are loaded here from a local directory (``from_pretrained``, offline) and handed
 to torchmetrics as a callable, because torchmetrics only accepts hub names it knows for a string
 argument (and wrapped in :class:`TensorFeatures`, because torchmetrics 1.9 expects the transformers 4
-return type of ``get_*_features``). The real model is ``openai/clip-vit-large-patch14`` (torchmetrics' default); the stand-in is a
-tiny ``CLIPModel`` of random weights with the real image preprocessing (224 px) and an offline tokenizer:
-its scores mean nothing.
+return type of ``get_*_features``). The real model is ``openai/clip-vit-large-patch14`` (torchmetrics' default); the stand-in
+(:func:`pipelines.standins.clip.build_clip_standin`) is a tiny ``CLIPModel`` of random weights with the real
+image preprocessing (224 px) and an offline tokenizer: its scores mean nothing.
 """
 from __future__ import annotations
 
@@ -17,37 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-
-
-def build_clip_standin(dest: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random ``CLIPModel`` + ``CLIPProcessor`` to ``dest`` with ``save_pretrained``.
-
-    The image processor is ``CLIPImageProcessor()`` with the real CLIP settings (shortest edge 224,
-    centre crop 224, bicubic, OpenAI mean/std); the tokenizer is
-    :func:`pipelines.standins.build_clip_tokenizer` (one token per character, 77 positions).
-    """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from pipelines.standins import build_clip_tokenizer
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    build_clip_tokenizer(dest)
-    tokenizer = CLIPTokenizer.from_pretrained(dest)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
-    config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77, **special},
-        vision_config={"image_size": 224, "patch_size": 32, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2},
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    model.save_pretrained(dest)
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(dest)
-    return dest
 
 
 def load_clip(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:

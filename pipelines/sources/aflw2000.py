@@ -101,6 +101,22 @@ def list_items(root: str | Path) -> list[tuple[str, Path, Path]]:
     return out
 
 
+MAT_HEADER = b"MATLAB 5.0 MAT-file, written by facecontrol (the AFLW2000-3D layout sample)"
+
+
+def write_mat(path: str | Path, arrays: dict) -> Path:
+    """``scipy.io.savemat`` with a fixed header text: scipy writes the creation time into the first 116 bytes,
+    which would make every run's files differ (DVC hashes bytes)."""
+    import io
+
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, arrays)
+    data = bytearray(buf.getvalue())
+    data[:116] = MAT_HEADER.ljust(116)
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
 def write_sample(root: str | Path, num_faces: int, seed: int = 0, size: int = 450,
                  num_outside_protocol: int = 1) -> dict:
     """Write an AFLW2000-3D-like folder of faces rendered at known poses; return its SOURCE.json dict.
@@ -134,7 +150,7 @@ def write_sample(root: str | Path, num_faces: int, seed: int = 0, size: int = 45
             yaw_r = np.radians(120.0)
         para = np.array([[pitch_r, yaw_r, roll_r, 0.0, 0.0, 0.0, scale]])
         pt3d = np.vstack([pts[:68].T, np.zeros((1, 68))])
-        scipy.io.savemat(str(root / f"{sid}.mat"), {"Pose_Para": para, "pt3d_68": pt3d})
+        write_mat(root / f"{sid}.mat", {"Pose_Para": para, "pt3d_68": pt3d})
         poses[sid] = {"yaw": yaw, "pitch": pitch, "roll": roll, "outside_protocol": i >= num_faces - num_outside_protocol}
     source = {"source": "embedded", "description": SAMPLE_DESCRIPTION, "seed": seed, "size": size,
               "num_faces": num_faces, "num_outside_protocol": num_outside_protocol, "poses": poses}

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.generation import generate_images, load_conditions, make_scheduler, sample_grid, seed_for
+from pipelines.runtime import seed_everything
 
 log = logging.getLogger("pipelines.training.controlnet")
 
@@ -484,6 +485,9 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
     from diffusers.optimization import get_scheduler
 
     s = settings
+    # the process-wide RNGs (python, numpy, torch) land in every checkpoint's random_states: seeded, a checkpoint
+    # is the same file whenever the same run makes it (the training draws themselves use their own generators)
+    seed_everything(s.seed)
     accelerator = Accelerator(mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision,
                               gradient_accumulation_steps=s.gradient_accumulation_steps, cpu=cpu)
     weight_dtype = _DTYPES[s.mixed_precision]
