@@ -15,14 +15,14 @@ def build_clip_standin(dest: str | Path, seed: int = 0) -> Path:
     centre crop 224, bicubic, OpenAI mean/std); the tokenizer is
     :func:`pipelines.standins.tokenizers.build_clip_tokenizer` (one token per character, 77 positions).
     """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from pipelines.standins.tokenizers import build_clip_tokenizer
+    from pipelines.standins.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     build_clip_tokenizer(dest)
-    tokenizer = CLIPTokenizer.from_pretrained(dest)
+    tokenizer = load_clip_tokenizer(dest)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
     config = CLIPConfig(

@@ -60,9 +60,9 @@ def build_sd_standin(dest: str | Path, seed: int = 0) -> Path:
     (any multiple of 16): the VAE downscales by 8 like SD's, so stock SD/ControlNet code runs on it.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipelines.standins.tokenizers import build_clip_tokenizer
+    from pipelines.standins.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def build_sd_standin(dest: str | Path, seed: int = 0) -> Path:
     vae = AutoencoderKL(**TINY_VAE)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
-    tokenizer = CLIPTokenizer.from_pretrained(str(build_clip_tokenizer(dest / "tokenizer")))
+    tokenizer = load_clip_tokenizer(build_clip_tokenizer(dest / "tokenizer"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)

@@ -32,3 +32,15 @@ def build_clip_tokenizer(dest: str | Path, model_max_length: int = 77) -> Path:
     (dest / "vocab.json").write_text(json.dumps(vocab))  # the slow-tokenizer files too, as real repos ship them
     (dest / "merges.txt").write_text("#version: 0.2\n")
     return dest
+
+
+def load_clip_tokenizer(path: str | Path):
+    """The tokenizer :func:`build_clip_tokenizer` wrote, loaded for saving again inside a stand-in: without the
+    load-time options ``from_pretrained`` records (``local_files_only`` follows ``HF_HUB_OFFLINE``), so the
+    stand-in's files, and so its revision and DVC hash, do not depend on the environment that built it."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(path))
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    return tokenizer
+
