@@ -13,7 +13,7 @@ from pipelines.training import bench as TB
 from stages import bench_train_controlnet as B
 from stages.config import ParamError, load
 
-#: The params.yaml section this stage reads (the lead adds it to params.yaml).
+#: A fixed copy of the params section this stage reads (per-profile values as in params.yaml).
 BENCH_SECTION = yaml.safe_load("""
 bench_train_controlnet:
   gradient_checkpointing: [false, true]

@@ -22,7 +22,7 @@ from stages.config import ParamError, load
 
 RES = 64
 
-#: The params.yaml section this stage reads (the lead adds it to params.yaml).
+#: A fixed copy of the params section this stage reads (per-profile values as in params.yaml).
 SECTION = yaml.safe_load("""
 train_controlnet:
   pretrained_model: data/models/sd_base
