@@ -107,10 +107,10 @@ def link_tree(src: str | Path, dest: str | Path, skip: tuple[str, ...] = (".cach
 
 
 def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path,
-                       allow_patterns: list[str] | None = None, cache_dir: str | Path | None = None) -> ModelInfo:
+                       cache_dir: str | Path, allow_patterns: list[str] | None = None) -> ModelInfo:
     """Resolve ``revision`` to a commit, get that snapshot, lay it into ``dest``, write the manifest.
 
-    With ``cache_dir`` the snapshot is kept in ``cache_dir/hub/<repo>/<commit>/`` (outside the DVC output, which
+    The snapshot is kept in ``cache_dir/hub/<repo>/<commit>/`` (outside the DVC output, which
     DVC deletes before a stage re-runs) and ``dest`` gets hard links to it: a rerun of the same commit downloads
     nothing again, and an interrupted download resumes. A ``revision`` that is a branch is resolved at every run;
     the commit it gave is the manifest's ``revision`` (pin a commit in params to freeze it)."""
@@ -123,15 +123,10 @@ def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path,
     except Exception as exc:  # offline, unknown repo or revision, gated, no network: say which model
         raise DownloadError(f"{repo_id}@{revision}: cannot resolve the revision on the Hugging Face Hub "
                             f"({type(exc).__name__}: {exc})") from exc
-    patterns = allow_patterns or DEFAULT_HUB_PATTERNS
+    local = Path(cache_dir) / "hub" / repo_id.replace("/", "--") / commit
+    snapshot_download(repo_id, revision=commit, local_dir=local, allow_patterns=allow_patterns or DEFAULT_HUB_PATTERNS)
     dest = _fresh(Path(dest))
-    if cache_dir is None:
-        snapshot_download(repo_id, revision=commit, local_dir=dest, allow_patterns=patterns)
-        shutil.rmtree(dest / ".cache", ignore_errors=True)
-    else:
-        local = Path(cache_dir) / "hub" / repo_id.replace("/", "--") / commit
-        snapshot_download(repo_id, revision=commit, local_dir=local, allow_patterns=patterns)
-        link_tree(local, dest)
+    link_tree(local, dest)
     info = ModelInfo(name=role, id=repo_id, revision=commit, source=f"https://huggingface.co/{repo_id}", standin=False)
     write_model_manifest(dest, info)
     return info

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipelines.reports import write_json, write_report
+from pipelines.reports import read_json, write_json, write_report
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def write_summary(out_dir: str | Path, result: MapResult, *, model: dict | None,
     write_json(Path(out_dir) / SUMMARY, summary)
     previous = None
     if run_report is not None and Path(run_report).is_file():
-        previous = json.loads(Path(run_report).read_text()).get("throughput")
+        previous = read_json(run_report).get("throughput")
     if result.items_processed:
         throughput = {"items_per_second": result.items_per_second, "items": result.items_processed,
                       "seconds": result.seconds}

@@ -26,7 +26,7 @@ from typing import Literal
 from pipelines.errors import PipelineError
 from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.training.bench import BASELINE, config_name, run_matrix
-from stages.config import ParamError, cli, load, positive, read_params, run, value
+from stages.config import ParamError, cli, load, positive, read_params, run
 from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli(__doc__, argv)
     params = read_params(args.params, PARAMS)
     base, cfg = load(BenchTrainConfig, "bench_train_controlnet", params, args.profile)
-    _, train = load(TrainControlNetConfig, "train_controlnet", params, args.profile,
-                    extra={"validation_extra_prompts": value(params, PROMPTS_KEY, args.profile)})
+    _, train = load(TrainControlNetConfig, "train_controlnet", params, args.profile)
     on_cpu = trains_on_cpu(base.device, "bench_train_controlnet")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PipelineError("bench_train_controlnet measures one process per configuration: start it with python, "

@@ -178,13 +178,16 @@ def load_base(params: dict, profile: str | None = None) -> Base:
     return parse(Base, values, "base")
 
 
-def load(cls: type[T], name: str, params: dict | None = None, profile: str | None = None,
-         extra: dict | None = None) -> tuple[Base, T]:
-    """Parse ``base`` and the stage section ``name`` for ``profile`` (default: ``base.profile``); ``extra``
-    adds values the stage reads from other sections."""
-    params = read_params() if params is None else params
+def load(cls: type[T], name: str, params: dict, profile: str | None = None) -> tuple[Base, T]:
+    """Parse ``base`` and the stage section ``name`` for ``profile`` (default: ``base.profile``).
+
+    A schema whose fields come partly from other sections says so in ``FROM_OTHER_SECTIONS`` (field -> dotted
+    key); those keys are resolved for the same profile (the stage declares them in its PARAMS)."""
     base = load_base(params, profile)
-    return base, parse(cls, {**section(params, name, base.profile), **(extra or {})}, name)
+    values = section(params, name, base.profile)
+    for field, key in getattr(cls, "FROM_OTHER_SECTIONS", {}).items():
+        values[field] = value(params, key, base.profile)
+    return base, parse(cls, values, name)
 
 
 def cli(description: str, argv: list[str] | None = None,

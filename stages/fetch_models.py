@@ -65,7 +65,7 @@ def fetch(role: str, src: ModelSource, seed: int) -> str:
     elif src.source == "url":
         info = fetch_weights_file(role, src.url, src.id, dest, CACHE_DIR, sha256=src.sha256)
     else:
-        info = fetch_hub_snapshot(role, src.id, src.revision, dest, allow_patterns=src.allow_patterns, cache_dir=CACHE_DIR)
+        info = fetch_hub_snapshot(role, src.id, src.revision, dest, CACHE_DIR, allow_patterns=src.allow_patterns)
     kind = "STAND-IN (random weights)" if info.standin else "real"
     return f"{role}: {info.id} @ {info.revision[:12]} [{kind}]"
 

@@ -36,7 +36,7 @@ from pipelines.reports import (
 )
 from pipelines.standins import STANDIN_NOTE
 from pipelines.training.controlnet import train_controlnet
-from stages.config import ParamError, cli, load, read_params, run, value
+from stages.config import ParamError, cli, load, read_params, run
 from stages.schemas.train_controlnet import OVERFIT_EPOCHS, PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = cli(__doc__, argv)
     params = read_params(args.params, PARAMS)
-    base, cfg = load(TrainControlNetConfig, "train_controlnet", params, args.profile,
-                     extra={"validation_extra_prompts": value(params, PROMPTS_KEY, args.profile)})
+    base, cfg = load(TrainControlNetConfig, "train_controlnet", params, args.profile)
     sd_dir = Path(cfg.pretrained_model)
     sd_info = read_model_manifest(sd_dir)
     if not (DATASET_DIR / "data").is_dir():

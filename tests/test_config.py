@@ -46,10 +46,7 @@ def stage_config(stage: str, params: dict, profile: str | None):
     mine = C.declared(params, keys)
     if cls_name is None:
         return module.load_config(mine, section, profile)
-    extra = {}
-    if section == "train_controlnet":
-        extra["validation_extra_prompts"] = C.value(mine, "generate.off_distribution_prompts", profile or "sample")
-    return C.load(getattr(module, cls_name), section, mine, profile, extra=extra)
+    return C.load(getattr(module, cls_name), section, mine, profile)
 
 
 @dataclass(frozen=True)

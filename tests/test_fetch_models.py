@@ -45,7 +45,8 @@ def test_standins_are_reproducible(tmp_path: Path) -> None:
 
 def test_hub_source_offline_names_the_model(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="Salesforce/blip-image-captioning-large@main"):
-        fetch_hub_snapshot("blip", "Salesforce/blip-image-captioning-large", "main", tmp_path / "blip")
+        fetch_hub_snapshot("blip", "Salesforce/blip-image-captioning-large", "main", tmp_path / "blip",
+                           tmp_path / "cache")
     assert not (tmp_path / "blip").exists()  # nothing half-written
 
 
@@ -73,7 +74,7 @@ def test_hub_snapshot_is_kept_outside_the_output(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     for _ in range(2):
-        info = fetch_hub_snapshot("sd_base", "org/sd", "main", tmp_path / "out", cache_dir=tmp_path / "cache")
+        info = fetch_hub_snapshot("sd_base", "org/sd", "main", tmp_path / "out", tmp_path / "cache")
     assert downloaded == ["config.json", "unet/model.safetensors"]  # once
     assert info.revision == "c" * 40 and (tmp_path / "cache/hub/org--sd" / ("c" * 40) / "config.json").is_file()
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()) == \

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -17,6 +17,8 @@ OVERFIT_EPOCHS = 3  # the seed: three epochs of FaceSynthetics overfit ("a cat" 
 @dataclass(frozen=True)
 class TrainControlNetConfig:
     """The ``train_controlnet`` section of params.yaml (the seed is ``base.seed``, the device ``base.device``)."""
+
+    FROM_OTHER_SECTIONS: ClassVar[dict[str, str]] = {"validation_extra_prompts": PROMPTS_KEY}
 
     pretrained_model: str  # a local folder written by fetch_generation_models (data/models/sd_base)
     resolution: int
@@ -39,8 +41,7 @@ class TrainControlNetConfig:
     lr_warmup_steps: int
     adam_weight_decay: float
     max_grad_norm: float
-    # more grid rows: these prompts on the first validation condition (the stage passes
-    # generate.off_distribution_prompts)
+    # more grid rows: these prompts on the first validation condition (generate.off_distribution_prompts)
     validation_extra_prompts: list[str] = field(default_factory=list)
 
     def validate(self, prefix: str = "train_controlnet") -> None:
