@@ -115,6 +115,7 @@ PROVENANCE_SUFFIX = ".provenance.json"
 METRIC_MAX_DEPTH = 3  # key path length of a metric leaf: ``a``, ``a.b`` or ``a.b.c``
 METRIC_MAX_LEAVES = 64  # "tens per file at most": more is a breakdown, which belongs in the provenance file
 METRIC_KEY = re.compile(r"[A-Za-z0-9_+-]+")  # names, not text: no spaces (a prompt), no dots (dvc's separator)
+STANDIN_FLAG = "uses_standin_models"  # the one flag: top level of every metrics file, nowhere in its details
 
 
 class MetricsError(ValueError):
@@ -175,9 +176,30 @@ def write_report(path: str | Path, metrics: dict, details: dict, ndigits: int = 
     no timestamps); nothing is written when ``metrics`` is rejected. Returns ``(metrics_path, details_path)``.
     """
     metric_leaves(metrics, ndigits)
+    flag = _find_key(details, STANDIN_FLAG)
+    if flag is not None:
+        raise MetricsError(f"details hold {flag!r}: {STANDIN_FLAG} is one flag, at the top of the metrics")
     path = Path(path)
     details_path = write_json(provenance_path(path), details, ndigits)
     return write_json(path, metrics, ndigits), details_path
+
+
+def _find_key(node: Any, key: str, prefix: str = "") -> str | None:
+    """The dotted path of the first ``key`` anywhere in ``node`` (dicts and lists), or None."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            here = f"{prefix}.{k}" if prefix else str(k)
+            if k == key:
+                return here
+            found = _find_key(v, key, here)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _find_key(v, key, f"{prefix}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def split_report(report: dict, metric_keys: Iterable[str]) -> tuple[dict, dict]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from pipelines.devices import DEVICES, resolve_device  # noqa: F401  (the runtime's device vocabulary and resolver)
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,26 +61,6 @@ class Runtime:
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.device)
         return info
-
-
-def resolve_device(name: str, local_index: int = 0) -> torch.device:
-    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a torch device, failing clearly when it is absent."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_index % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    base = name.split(":")[0]
-    if base not in DEVICES:
-        raise ValueError(f"device {name!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
-    if base == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but torch sees no CUDA device")
-    if base == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} was asked for but MPS is not available")
-    if name == "cuda":
-        return torch.device("cuda", local_index % torch.cuda.device_count())
-    return torch.device(name)
 
 
 def resolve_precision(name: str, device: torch.device, auto: str = "fp16") -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -41,6 +42,40 @@ class Base:
     image_size: int | None = None
     launcher: str | None = None  # how dvc.yaml starts GPU stages: python, or 'accelerate launch --multi_gpu'
 
+    def validate(self, prefix: str = "base") -> None:
+        """A positive image size and a device this machine has (``cuda:7`` on a one-GPU machine is refused)."""
+        if self.image_size is not None:
+            positive(prefix, image_size=self.image_size)
+        if self.device is not None:
+            resolved_device(self.device, f"{prefix}.device")
+
+
+#: The one precision vocabulary of every stage's ``precision`` (and ``mixed_precision``) key: ``auto`` is fp16 on
+#: CUDA and fp32 elsewhere (pipelines.runtime.resolve_precision).
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+MixedPrecision = Literal["fp32", "fp16", "bf16"]  # training: chosen explicitly, no auto
+
+
+def resolved_device(name: str, key: str = "base.device") -> Any:
+    """``name`` as the torch device this machine gives it (``auto`` resolved); a :class:`ParamError` naming ``key``
+    for a device that is not one of auto, cpu, cuda, cuda:N, mps, or that this machine does not have."""
+    from pipelines.devices import resolve_device
+
+    if not isinstance(name, str):
+        raise ParamError(f"{key}: expected a device name, got {name!r}")
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise ParamError(f"{key}: {exc}") from None
+
+
+def check_precision(key: str, precision: str, device: str, device_key: str = "base.device") -> None:
+    """Refuse fp16 on the CPU (``device`` resolved): autocast there is either unsupported or many times slower
+    than fp32, so a run would record fp16 while computing something else, or crawl. bf16 runs on the CPU."""
+    if precision == "fp16" and resolved_device(device, device_key).type == "cpu":
+        raise ParamError(f"{key}: fp16 needs a GPU, and {device_key}={device!r} runs on the CPU here; "
+                         "use auto (fp32 on the CPU), fp32 or bf16")
+
 
 def read_params(path: str | Path = PARAMS_FILE, keys: Iterable[str] | None = None) -> dict:
     """Load params.yaml (or another file with the same layout); with ``keys`` (dotted: a section or one key in
@@ -49,7 +84,15 @@ def read_params(path: str | Path = PARAMS_FILE, keys: Iterable[str] | None = Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run stages from the repository root")
-    params = yaml.safe_load(path.read_text()) or {}
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(params, dict):
+        raise ParamError(f"{path}: expected a mapping of sections at the top, got {type(params).__name__}")
     return params if keys is None else declared(params, keys, str(path))
 
 
@@ -139,10 +182,12 @@ def _check(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ParamError(f"{key}: expected a mapping, got {value!r}")
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ParamError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, (int, float)):
+        if not math.isfinite(value):  # .inf trains NaN, .nan skips every face: never a useful setting
+            raise ParamError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ParamError(f"{key}: expected {tp.__name__}, got {value!r}")
     return value
@@ -182,12 +227,19 @@ def load(cls: type[T], name: str, params: dict, profile: str | None = None) -> t
     """Parse ``base`` and the stage section ``name`` for ``profile`` (default: ``base.profile``).
 
     A schema whose fields come partly from other sections says so in ``FROM_OTHER_SECTIONS`` (field -> dotted
-    key); those keys are resolved for the same profile (the stage declares them in its PARAMS)."""
+    key); those keys are resolved for the same profile (the stage declares them in its PARAMS).
+    A field typed :data:`Precision` or :data:`MixedPrecision` is checked against ``base.device`` (when the stage
+    declares it) by :func:`check_precision`, the same for every stage."""
     base = load_base(params, profile)
     values = section(params, name, base.profile)
     for field, key in getattr(cls, "FROM_OTHER_SECTIONS", {}).items():
         values[field] = value(params, key, base.profile)
-    return base, parse(cls, values, name)
+    cfg = parse(cls, values, name)
+    if base.device is not None:
+        for field, tp in typing.get_type_hints(cls).items():
+            if tp in (Precision, MixedPrecision):
+                check_precision(f"{name}.{field}", getattr(cfg, field), base.device)
+    return base, cfg
 
 
 def cli(description: str, argv: list[str] | None = None,
@@ -218,13 +270,26 @@ def positive(prefix: str, **values: float) -> None:
             raise ParamError(f"{prefix}.{k}: must be > 0, got {v!r}")
 
 
+def non_negative(prefix: str, **values: float) -> None:
+    """Raise :class:`ParamError` naming the first value that is not >= 0 (None passes: an optional key)."""
+    for k, v in values.items():
+        if v is not None and v < 0:
+            raise ParamError(f"{prefix}.{k}: must be >= 0, got {v!r}")
+
+
 def run(main: Callable[[], object]) -> None:
     """Run a stage's ``main`` from the command line: expected failures (a bad parameter, a missing input,
-    a failed download or upload) print one clear line and exit 2 instead of a traceback."""
+    a failed download or upload, a folder it cannot write, a full disk) print one clear line and exit 2 instead
+    of a traceback."""
     from pipelines.errors import PipelineError
 
     try:
         main()
     except (ParamError, FileNotFoundError, PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:  # read-only folder, full disk, ...: the path and the reason, not a traceback
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None

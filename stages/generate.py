@@ -54,7 +54,7 @@ from pipelines.generation import (
 from pipelines.reports import provenance, read_model_manifest, split_report, write_json, write_report
 from pipelines.runtime import Runtime, init_runtime, synchronize
 from pipelines.standins import STANDIN_NOTE
-from stages.config import ParamError, cli, load, model_argument, positive, read_params, run
+from stages.config import ParamError, Precision, cli, load, model_argument, positive, read_params, run
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py); the model comes from the command
 PARAMS = ("base.profile", "base.seed", "base.device", "generate")
@@ -90,7 +90,7 @@ class GenerateConfig:
     guidance_scale: float
     controlnet_conditioning_scale: float
     negative_prompt: str
-    precision: Literal["auto", "fp32", "fp16", "bf16"]
+    precision: Precision
     grid_size: int
     off_distribution_prompts: list[str]
     off_distribution_conditions: int

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from pipelines import images
 from pipelines.faces.spiga import SpigaAnnotator
 from pipelines.headpose import (
     UNREADABLE,
@@ -32,6 +33,7 @@ from pipelines.headpose import (
 )
 from pipelines.metrics.control import DlibHogDetector
 from pipelines.reports import read_model_manifest, write_json
+from pipelines.runtime import init_runtime
 from stages import config as C
 from stages.schemas.headpose import DirectionThresholds
 
@@ -58,6 +60,7 @@ class HeadposePhotosConfig:
     rows_per_file: int
     folder: str | None = None  # source folder
     hf_dataset: str | None = None  # source hf: dataset id (e.g. a CelebA variant)
+    hf_revision: str = "main"  # source hf: a commit (40 hex) or a branch, resolved to its commit when the stage runs
     hf_split: str = "train"
     hf_image_column: str = "image"
     max_images: int | None = None  # null: all
@@ -107,18 +110,38 @@ def write_embedded_folder(root: Path, seed: int = 0) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
-def iter_images(cfg: HeadposePhotosConfig, folder: Path | None) -> Iterator[tuple[str, np.ndarray | None]]:
-    """``(id, RGB uint8 image or None when unreadable)`` from the configured source, at most ``max_images``."""
+def hub_dataset_commit(repo_id: str, revision: str) -> str:
+    """The commit ``revision`` (a branch, tag or commit) of the Hub dataset ``repo_id`` is at now: the stage streams
+    that commit and records it, so a run never reads a moving branch halfway."""
+    from huggingface_hub import HfApi
+
+    from pipelines.sources.downloads import DownloadError
+
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision).sha
+    except Exception as exc:  # offline, unknown repo or revision, gated: say which dataset
+        raise DownloadError(f"{repo_id}@{revision}: cannot resolve the dataset revision on the Hugging Face Hub "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+def iter_images(cfg: HeadposePhotosConfig, folder: Path | None,
+                commit: str | None = None) -> Iterator[tuple[str, np.ndarray | None]]:
+    """``(id, RGB uint8 image or None when unreadable)`` from the configured source, at most ``max_images``
+    (source hf: the dataset at ``commit``, from :func:`hub_dataset_commit`)."""
     n = 0
     if cfg.source == "hf":
         import datasets
 
-        ds = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split, streaming=True)
+        ds = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split, streaming=True, revision=commit)
         for k, ex in enumerate(ds):
             if cfg.max_images is not None and n >= cfg.max_images:
                 return
             im = ex.get(cfg.hf_image_column)
-            yield f"{k:08d}", (np.asarray(im.convert("RGB")) if im is not None else None)
+            try:
+                arr = np.asarray(images.to_rgb(im)[0]) if im is not None else None
+            except images.ImageError:
+                arr = None
+            yield f"{k:08d}", arr
             n += 1
         return
     if folder is None or not folder.is_dir():
@@ -127,9 +150,8 @@ def iter_images(cfg: HeadposePhotosConfig, folder: Path | None) -> Iterator[tupl
         if cfg.max_images is not None and n >= cfg.max_images:
             return
         try:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError):
+            arr = images.read(p)[0]
+        except images.ImageError:
             arr = None
         yield p.relative_to(folder).as_posix(), arr
         n += 1
@@ -139,7 +161,9 @@ def build(base: C.Base, cfg: HeadposePhotosConfig, out_dir: Path | None = None, 
     """Detect, label and write the dataset; return its summary."""
     out_dir = Path(out_dir or f"data/datasets/headpose_{cfg.name}")
     info = read_model_manifest(model_dir)
-    annotator = SpigaAnnotator.load(model_dir / info.id, "cpu" if base.device == "auto" else base.device)
+    runtime = init_runtime(base.device, "fp32", base.seed)
+    annotator = SpigaAnnotator.load(model_dir / info.id, runtime.device)
+    commit = hub_dataset_commit(cfg.hf_dataset, cfg.hf_revision) if cfg.source == "hf" else None
     detector = DlibHogDetector(cfg.detector_threshold, cfg.detector_upsample)
     thresholds = dataclasses.asdict(cfg.direction_thresholds)
     counts: Counter = Counter()
@@ -149,7 +173,7 @@ def build(base: C.Base, cfg: HeadposePhotosConfig, out_dir: Path | None = None, 
             folder = Path(tmp) / "photos"
             write_embedded_folder(folder, base.seed)
         kept: list[tuple[str, np.ndarray, np.ndarray]] = []
-        for sid, image in iter_images(cfg, folder):
+        for sid, image in iter_images(cfg, folder, commit):
             counts["images"] += 1
             if image is None:
                 counts[UNREADABLE] += 1
@@ -162,7 +186,7 @@ def build(base: C.Base, cfg: HeadposePhotosConfig, out_dir: Path | None = None, 
     counts["faces_labelled"] = len(kept)
     source_note = {"embedded": "the embedded sample (grace_hopper.jpg from matplotlib, composites of it, a face-free "
                                "image, two rendered faces)",
-                   "folder": f"image folder {cfg.folder}", "hf": f"Hugging Face dataset {cfg.hf_dataset} ({cfg.hf_split})"}[cfg.source]
+                   "folder": f"image folder {cfg.folder}", "hf": f"Hugging Face dataset {cfg.hf_dataset} at commit {commit} ({cfg.hf_split})"}[cfg.source]
 
     def rows():
         for s in range(0, len(kept), cfg.batch_size):
@@ -181,6 +205,8 @@ def build(base: C.Base, cfg: HeadposePhotosConfig, out_dir: Path | None = None, 
                                      counts=dict(counts), thresholds=thresholds, uses_standin=info.standin,
                                      rows_per_file=cfg.rows_per_file, extra_lines=rule)
     summary["params"] = {"base": dataclasses.asdict(base), "headpose_photos": dataclasses.asdict(cfg)}
+    summary["source_commit"] = commit  # source hf: the dataset commit streamed
+    summary["runtime"] = runtime.describe()
     write_json(out_dir / "summary.json", summary)
     return summary
 

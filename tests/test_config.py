@@ -1,9 +1,12 @@
 """params.yaml: the profile switch, validation errors that name the key, and both profiles complete."""
+import errno
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+import torch
 import yaml
 from conftest import committed_params
 
@@ -36,6 +39,12 @@ STAGES = {
 # commands that read params but are not DVC stages (side effects): name -> (module, config class, section)
 COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}
 SECTIONS = sorted({section for _, _, section in STAGES.values()})
+
+
+def pretend_one_gpu(monkeypatch) -> None:
+    """Make torch report one CUDA device (the real profile's machine); nothing touches CUDA in config parsing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
 
 def stage_config(stage: str, params: dict, profile: str | None):
@@ -142,9 +151,11 @@ def test_every_generated_model_is_made_by_a_stage(repo_root):
 
 @pytest.mark.parametrize("profile", C.PROFILES)
 @pytest.mark.parametrize("stage", sorted(STAGES) + sorted(COMMANDS))
-def test_every_stage_config_is_complete_and_valid(stage, profile):
+def test_every_stage_config_is_complete_and_valid(stage, profile, monkeypatch):
     """The real configuration cannot run here, but it must parse and validate like the sample one, from the
-    keys the stage declares."""
+    keys the stage declares (on a machine with one GPU, as the real profile expects: fp16 is refused on a CPU)."""
+    if profile == "real":
+        pretend_one_gpu(monkeypatch)
     base, cfg = stage_config(stage, committed_params(), profile)
     assert base.profile in (profile, None)
     assert cfg is not None
@@ -163,9 +174,10 @@ def test_real_profile_points_at_the_real_sources(repo_root):
     assert models["spiga"]["url"] == MODELS_URL["300wpublic"]
 
 
-def test_real_profile_sections_agree(repo_root):
+def test_real_profile_sections_agree(repo_root, monkeypatch):
     """The real sections fit together: the held-out validation leaves training rows, the recipe makes about
     one epoch of them (the seed: three epochs overfit), and generation has the conditions it asks for."""
+    pretend_one_gpu(monkeypatch)
     from pipelines.sources.facesynthetics import SUBSET_SIZES
     from pipelines.training.controlnet import epochs_seen
     from stages.schemas.train_controlnet import OVERFIT_EPOCHS
@@ -180,3 +192,133 @@ def test_real_profile_sections_agree(repo_root):
     assert 0.5 < epochs < OVERFIT_EPOCHS
     generate = C.section(params, "generate", "real")
     assert generate["max_images"] <= validation and generate["off_distribution_conditions"] <= validation
+
+
+# ---- values that make garbage are refused before any work, naming the dotted key ----
+
+def _float_leaves(node, prefix=""):
+    """Dotted keys of every float in ``node`` (lists included, as key[i])."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _float_leaves(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _float_leaves(v, f"{prefix}[{i}]")
+    elif isinstance(node, float):
+        yield prefix
+
+
+def _set(params, dotted, value):
+    import re
+
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", dotted) if p]
+    node = params
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_numbers_are_refused_for_every_stage(bad):
+    """Every float a stage reads (learning_rate, box_margin, thresholds, ...): .inf and .nan refused, key named."""
+    checked = 0
+    for stage in sorted(STAGES) + sorted(COMMANDS):
+        module_name, cls_name, section = {**STAGES, **COMMANDS}[stage]
+        if cls_name is None:
+            continue
+        params = C.declared(committed_params(), [k.format(section=section) for k in
+                                                importlib.import_module(module_name).PARAMS])
+        resolved = {name: C.section(params, name, "sample") for name in params}
+        for key in _float_leaves(resolved[section], section):
+            mine = {name: dict(value) for name, value in resolved.items()}
+            mine = yaml.safe_load(yaml.safe_dump(mine))
+            _set(mine, key, bad)
+            with pytest.raises(C.ParamError, match=r"must be a finite number") as err:
+                stage_config(stage, mine, "sample")
+            assert str(err.value).startswith(key.split("[")[0]), (stage, key, err.value)
+            checked += 1
+    assert checked >= 15  # learning_rate, box_margin, thresholds, guidance and conditioning scales, ...
+
+
+@pytest.mark.parametrize(("value", "message"), [(-1, "must be > 0"), (0, "must be > 0")])
+def test_non_positive_image_size_is_refused(value, message):
+    params = yaml.safe_load(yaml.safe_dump(committed_params()))
+    params["base"]["image_size"] = value
+    with pytest.raises(C.ParamError, match=rf"^base\.image_size: {message}"):
+        stage_config("annotate", params, "sample")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", "cuda:x", "cpu:1", "auto:0"])
+def test_devices_this_machine_lacks_are_refused_naming_the_key(device, monkeypatch):
+    pretend_one_gpu(monkeypatch)
+    params = yaml.safe_load(yaml.safe_dump(committed_params()))
+    params["base"]["device"] = device
+    for stage in ("annotate", "train_controlnet", "headpose_photos", "validate_headpose", "generate"):
+        with pytest.raises(C.ParamError, match=r"^base\.device: "):
+            stage_config(stage, params, "sample")
+
+
+def test_devices_that_exist_are_accepted(monkeypatch):
+    pretend_one_gpu(monkeypatch)
+    params = yaml.safe_load(yaml.safe_dump(committed_params()))
+    for device in ("auto", "cpu", "cuda", "cuda:0"):
+        params["base"]["device"] = device
+        assert stage_config("annotate", params, "sample")[0].device == device
+
+
+@pytest.mark.parametrize(("stage", "key"), [("annotate", "annotate.precision"), ("caption", "caption.precision"),
+                                            ("generate", "generate.precision"),
+                                            ("train_controlnet", "train_controlnet.mixed_precision")])
+def test_fp16_on_the_cpu_is_refused_for_every_stage(stage, key, monkeypatch):
+    """fp16 on a CPU would discard finished fp32 shards and crawl (annotate) or record fp16 while computing fp32
+    (caption): refused before any work by the config layer, for every stage alike; bf16 and auto pass."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = yaml.safe_load(yaml.safe_dump(committed_params()))
+    section, field = key.split(".")
+    for device in ("cpu", "auto"):
+        params["base"]["device"] = device
+        params[section][field] = "fp16"
+        with pytest.raises(C.ParamError, match=rf"^{key}: fp16 needs a GPU"):
+            stage_config(stage, params, "sample")
+        params[section][field] = "bf16"
+        stage_config(stage, params, "sample")
+    pretend_one_gpu(monkeypatch)
+    params["base"]["device"], params[section][field] = "auto", "fp16"
+    stage_config(stage, params, "sample")
+
+
+def test_malformed_params_file_is_one_line_naming_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("base:\n  profile: sample\n  seed: [0\nannotate:\n  box_margin: 5\n")
+    with pytest.raises(C.ParamError, match=rf"^{re.escape(str(bad))}:\d+:\d+: not valid YAML: ") as err:
+        C.read_params(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as stop:
+        C.run(lambda: C.read_params(bad))
+    assert stop.value.code == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith(f"error: {bad}:")
+
+
+@pytest.mark.parametrize(("err", "text"), [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
+                                         (errno.EACCES, "Permission denied")])
+def test_write_failures_are_one_line_naming_the_path(tmp_path, capsys, err, text):
+    """A full disk or a read-only folder ends in one line naming the path (no traceback), exit 2."""
+    target = tmp_path / "reports" / "metrics.json"
+
+    def write():
+        raise OSError(err, text, str(target))
+
+    with pytest.raises(SystemExit) as stop:
+        C.run(write)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {target}: {text}"
+
+
+def test_other_os_errors_keep_their_traceback():
+    with pytest.raises(OSError, match="no file involved"):
+        C.run(lambda: (_ for _ in ()).throw(OSError("no file involved")))

@@ -125,6 +125,40 @@ def test_validate_headpose_stage(workdir, monkeypatch):
     assert details["published_overall_mae_degrees"]["6DRepNet"] == 3.97
 
 
+def test_headpose_photos_streams_the_hub_dataset_at_a_resolved_commit(workdir, monkeypatch):
+    """A branch in hf_revision is resolved to its commit once; the stream reads that commit (never a moving main),
+    and summary.json records it. The Hub is unreachable here: its client and load_dataset are stood in for."""
+    import huggingface_hub
+    from PIL import Image
+
+    from stages import config as C
+    from stages import headpose_photos as P
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    asked, streamed = [], []
+
+    class Api:
+        def dataset_info(self, repo_id, revision=None):
+            asked.append((repo_id, revision))
+            return type("Info", (), {"sha": commit})()
+
+    def load_dataset(name, split, streaming, revision):
+        streamed.append((name, split, streaming, revision))
+        return [{"image": Image.new("RGB", (64, 64), (90, 90, 90))}]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(workdir)
+    base = C.Base(profile="sample", seed=0, device="cpu")
+    cfg = P.HeadposePhotosConfig(name="hub", source="hf", direction_thresholds=P.DirectionThresholds(15.0, 10.0),
+                                 detector_threshold=0.5, detector_upsample=0, multiple_faces_dominance=2.0,
+                                 batch_size=2, rows_per_file=8, hf_dataset="someone/faces", hf_revision="main")
+    summary = P.build(base, cfg, workdir / "data/datasets/headpose_hub")
+    assert asked == [("someone/faces", "main")]
+    assert streamed == [("someone/faces", "train", True, commit)]
+    assert summary["source_commit"] == commit and summary["counts"]["images"] == 1
+
+
 def test_headpose_photos_stage_counts_face_free_image(workdir, monkeypatch):
     from stages import headpose_photos as P
 

@@ -87,6 +87,15 @@ def test_uses_standin_models_is_required_and_bool(tmp_path):
         write_report(tmp_path / "m.json", {"fid": 1.0, "uses_standin_models": "yes"}, {})
 
 
+@pytest.mark.parametrize("details", [{"uses_standin_models": False}, {"provenance": {"uses_standin_models": False}},
+                                     {"runs": [{"model": {"uses_standin_models": True}}]}])
+def test_the_standin_flag_is_one_flag_at_the_top(tmp_path, details):
+    """A report never says true at the top and false inside: the details may not repeat the flag anywhere."""
+    with pytest.raises(MetricsError, match="uses_standin_models is one flag"):
+        write_report(tmp_path / "r.json", {"fid": 1.0, "uses_standin_models": True}, details)
+    assert not list(tmp_path.iterdir())
+
+
 def test_too_many_values_are_refused():
     with pytest.raises(MetricsError, match="at most"):
         metric_leaves({**{f"v{i}": i for i in range(METRIC_MAX_LEAVES + 1)}, "uses_standin_models": False})

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from stages import config as C
 
@@ -13,7 +12,7 @@ class AnnotateConfig:
 
     box_margin: float  # px added on every side of the landmarks' min/max box
     min_box_inside: float  # skip a face whose box has less than this share of its area inside the image
-    precision: Literal["auto", "fp32", "fp16", "bf16"]
+    precision: C.Precision
     batch_size: int
     num_workers: int
     shard_size: int

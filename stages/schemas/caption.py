@@ -12,7 +12,7 @@ class CaptionConfig:
     """The ``caption`` section of params.yaml."""
 
     method: Literal["blip", "none"]
-    precision: Literal["auto", "fp32", "fp16", "bf16"]
+    precision: C.Precision
     batch_size: int
     num_workers: int
     shard_size: int
