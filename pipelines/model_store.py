@@ -23,15 +23,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def is_torchscript(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.load`` runs the code it holds), read without loading it."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") for n in zf.namelist())
+
+
 def _torchscript_weights_digest(path: Path) -> str | None:
     """SHA-256 of a TorchScript archive's parameters and buffers (names, dtypes, shapes, bytes), or None when
     ``path`` is not TorchScript. The archive's own bytes are not stable: ``torch.jit.save`` writes a random
     serialization id and source paths, so equal weights would get different file hashes."""
-    import zipfile
-
     import torch
 
-    if not zipfile.is_zipfile(path) or not any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if not is_torchscript(path):
         return None
     h = hashlib.sha256()
     for name, t in sorted(torch.jit.load(str(path), map_location="cpu").state_dict().items()):
@@ -74,13 +82,23 @@ def make_standin(role: str, dest: str | Path, seed: int = 0) -> ModelInfo:
 
 def fetch_weights_file(role: str, url: str, file_name: str, dest: str | Path, cache_dir: str | Path,
                        sha256: str | None = None) -> ModelInfo:
-    """Download a single weights file (resumable, into ``cache_dir``), copy it into ``dest``, write the manifest."""
-    from pipelines.sources.downloads import download
+    """Download a single weights file (resumable, into ``cache_dir``), copy it into ``dest``, write the manifest.
+
+    A TorchScript file is executable code (``torch.jit.load`` runs it): without a pinned ``sha256`` it stays in
+    the cache and :class:`DownloadError` gives its measured sha256 to check and pin. Other files without a pin
+    are installed and their manifest note says ``unpinned``."""
+    from pipelines.sources.downloads import DownloadError, download
 
     result = download(url, Path(cache_dir) / file_name, sha256=sha256)
+    if sha256 is None and is_torchscript(result.path):
+        raise DownloadError(f"{url}: {file_name} is TorchScript (executable code: torch.jit.load runs it) and model "
+                            f"{role!r} pins no sha256; the downloaded file's sha256 is {result.sha256}: check it "
+                            f"against a trusted source and set sha256: {result.sha256} for {role!r} in params.yaml")
     dest = _fresh(Path(dest))
     shutil.copyfile(result.path, dest / file_name)
-    info = ModelInfo(name=role, id=file_name, revision=result.sha256, source=url, standin=False)
+    note = ("sha256 pinned in params and verified" if sha256 else
+            "unpinned: sha256 measured at download, not checked against a pin (size and server MD5 only)")
+    info = ModelInfo(name=role, id=file_name, revision=result.sha256, source=url, standin=False, note=note)
     write_model_manifest(dest, info)
     return info
 

@@ -3,7 +3,8 @@
 fetch_coco_annotations (``python -m stages.fetch_coco annotations``) writes data/raw/coco/annotations/
 (instances, person_keypoints, captions for train and val) + SOURCE.json:
   sample profile (source: embedded): the COCO-format sample drawn by code (pipelines.sources.coco); no network.
-  real profile (source: official): the official annotations zip (resumable, verified), or (source: local)
+  real profile (source: official): the official annotations zip (resumable, verified against the md5 pin, swapped
+  in only once complete), or (source: local)
   a copy from ``local_dir/annotations/`` for users who already have COCO.
 fetch_coco_images (``python -m stages.fetch_coco images``) runs after select_coco and writes only the selected
 images to data/raw/coco/images/{split}2017/ + SOURCE.json: downloaded by coco_url (source: official), copied
@@ -13,6 +14,7 @@ decode are kept (the output is ``persist: true``: an interrupted download resume
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -39,7 +41,8 @@ class FetchCocoConfig:
 
     source: Literal["embedded", "official", "local"]
     annotations_url: str | None = None  # official: the annotations_trainval2017 zip
-    sha256: str | None = None  # official: pin of the zip; None checks size only
+    sha256: str | None = None  # official: sha256 pin of the zip
+    md5: str | None = None  # official: md5 pin of the zip (what COCO's users publish); neither: size only
     local_dir: str | None = None  # local: a COCO root holding annotations/, train2017/, val2017/
     num_workers: int = 8  # parallel image downloads or copies
 
@@ -50,13 +53,21 @@ class FetchCocoConfig:
         if self.source == "official":
             if not (self.annotations_url or "").startswith(("http://", "https://")):
                 raise C.ParamError(f"{prefix}.annotations_url: source 'official' needs an http(s) URL")
+        for key, digits in (("sha256", 64), ("md5", 32)):
+            value = getattr(self, key)
+            if value is not None and not re.fullmatch(f"[0-9a-fA-F]{{{digits}}}", value):
+                raise C.ParamError(f"{prefix}.{key}: expected {digits} hex digits or null, got {value!r}")
         if self.source == "local" and not self.local_dir:
             raise C.ParamError(f"{prefix}.local_dir: source 'local' needs the folder of an existing COCO copy")
 
 
 def fetch_annotations(base: C.Base, cfg: FetchCocoConfig, root: Path = ANNOTATIONS_ROOT) -> dict:
-    """Write ``root/annotations/`` afresh; return its SOURCE.json dict."""
+    """Write ``root/annotations/`` afresh (the official zip replaces it only once verified); return its
+    SOURCE.json dict."""
     dest = root / "annotations"
+    if cfg.source == "official":
+        return S.fetch_annotations(root, "official", url=cfg.annotations_url, sha256=cfg.sha256, md5=cfg.md5,
+                                   cache=CACHE_DIR)
     if dest.exists():
         shutil.rmtree(dest)
     if cfg.source == "embedded":
@@ -64,8 +75,7 @@ def fetch_annotations(base: C.Base, cfg: FetchCocoConfig, root: Path = ANNOTATIO
         info = {"source": "embedded", "note": "COCO-format sample drawn by code, not COCO data",
                 "images": summary["images"]}
     else:
-        info = S.fetch_annotations(root, "official" if cfg.source == "official" else "local",
-                                   url=cfg.annotations_url, local_dir=cfg.local_dir, sha256=cfg.sha256, cache=CACHE_DIR)
+        info = S.fetch_annotations(root, "local", local_dir=cfg.local_dir)
     write_json(dest / "SOURCE.json", info)
     return info
 

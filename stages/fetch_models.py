@@ -2,12 +2,14 @@
 
 Every key of the params section is a model role (spiga, blip, sd_base, controlnet, inception, clip, ...).
 sample profile: stand-ins (real architectures, random weights) built by code, no network.
-real profile: weights files from their official URL (resumable, SHA-256 recorded), Hub repos pinned to the
+real profile: weights files from their official URL (resumable, SHA-256 verified when pinned, recorded always; a
+TorchScript file is refused until its sha256 is pinned: it is executable code), Hub repos pinned to the
 commit their revision resolves to. `--section` picks the params section (dvc.yaml runs one stage per group).
 """
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,8 @@ class ModelSource:
     def validate(self, prefix: str) -> None:
         if self.source == "url" and not (self.url and self.id):
             raise C.ParamError(f"{prefix}: source 'url' needs 'url' and 'id' (the weights file name)")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise C.ParamError(f"{prefix}.sha256: expected 64 hex digits or null, got {self.sha256!r}")
         if self.source == "hub" and not (self.id and self.revision):
             raise C.ParamError(f"{prefix}: source 'hub' needs 'id' (repo id) and 'revision'")
 

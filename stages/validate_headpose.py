@@ -1,6 +1,8 @@
 """Stage validate_headpose: the head-pose labeler against ground truth (AFLW2000-3D; rendered faces offline).
 
-Real profile: the official AFLW2000-3D zip into data/raw/aflw2000. Sample profile: faces rendered by code from
+Real profile: the official AFLW2000-3D zip into data/raw/aflw2000 (sha256 pinned; a folder there is reused only
+when its SOURCE.json says it is the complete official extraction of that URL, never the sample or a half-extracted
+one). Sample profile: faces rendered by code from
 SPIGA's mean 3D face at known poses, in the same layout (pipelines.sources.aflw2000.write_sample). The face
 box is the ground-truth 68 landmarks' min/max grown by box_margin (the usual AFLW2000 protocol crops with the
 ground-truth landmarks); SPIGA runs on it; both estimators (spiga, pnp on SPIGA's landmarks) are scored, plus
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +26,9 @@ from pipelines.faces.pose import pnp_pose, spiga_pose_to_ours
 from pipelines.faces.spiga import SpigaAnnotator
 from pipelines.headpose import CONVENTION, mae_block, spiga_on_boxes
 from pipelines.reports import provenance, read_model_manifest, split_report, write_report
+from pipelines.runtime import resolve_device
 from pipelines.sources import aflw2000 as A
+from pipelines.sources import downloads as D
 from pipelines.sources.facesynthetics import SampleError, read_image
 from stages import config as C
 
@@ -46,30 +52,36 @@ class ValidateHeadposeConfig:
     batch_size: int
     num_faces: int = 12  # embedded only
     url: str = A.OFFICIAL_URL  # official only
-    sha256: str | None = None
+    sha256: str | None = A.OFFICIAL_SHA256  # official only: the zip's pin (null: size only, said in the report)
 
     def validate(self, prefix: str) -> None:
         """Positive batch size and face count, non-negative margin."""
         C.positive(prefix, batch_size=self.batch_size, num_faces=self.num_faces)
         if self.box_margin < 0:
             raise C.ParamError(f"{prefix}.box_margin: must be >= 0, got {self.box_margin!r}")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise C.ParamError(f"{prefix}.sha256: expected 64 hex digits or null, got {self.sha256!r}")
 
 
 def fetch(cfg: ValidateHeadposeConfig, seed: int, raw_dir: Path) -> dict:
-    """Make ``raw_dir`` hold the benchmark: render the embedded sample or download and extract the zip."""
+    """Make ``raw_dir`` hold the benchmark: render the embedded sample, reuse a complete official extraction of
+    ``cfg.url`` (its manifest says so), or download, verify and extract the zip and swap it in."""
     if cfg.source == "embedded":
         if raw_dir.exists():
-            import shutil
-
             shutil.rmtree(raw_dir)
         return A.write_sample(raw_dir, cfg.num_faces, seed=seed)
-    from pipelines.sources.downloads import download, extract_zip
+    pins = {"sha256": cfg.sha256} if cfg.sha256 else {}
+    manifest = D.reusable(raw_dir, source="official", url=cfg.url, **pins)
+    if manifest is not None:
+        return manifest
 
-    if not (raw_dir.is_dir() and A.list_items(raw_dir)):
-        result = download(cfg.url, raw_dir.parent / "AFLW2000-3D.zip", sha256=cfg.sha256)
-        extract_zip(result.path, raw_dir)
-        return {"source": "official", "url": cfg.url, "sha256": result.sha256}
-    return {"source": "official", "url": cfg.url}
+    def has_faces(folder: Path) -> dict:
+        items = A.list_items(folder)
+        if not items:
+            raise D.DownloadError(f"{cfg.url}: the zip held no AFLW2000-3D faces (image*.jpg + image*.mat)")
+        return {"num_faces": len(items)}
+
+    return D.install_archive(cfg.url, raw_dir.parent / "AFLW2000-3D.zip", raw_dir, sha256=cfg.sha256, check=has_faces)
 
 
 def validate(base: C.Base, cfg: ValidateHeadposeConfig, raw_dir: Path = RAW_DIR, model_dir: Path = MODEL_DIR,
@@ -77,7 +89,7 @@ def validate(base: C.Base, cfg: ValidateHeadposeConfig, raw_dir: Path = RAW_DIR,
     """Fetch, label, score; write and return the report."""
     source = fetch(cfg, base.seed, raw_dir)
     info = read_model_manifest(model_dir)
-    annotator = SpigaAnnotator.load(model_dir / info.id, "cpu" if base.device == "auto" else base.device)
+    annotator = SpigaAnnotator.load(model_dir / info.id, str(resolve_device(base.device)))
     items = A.list_items(raw_dir)
     counts = {"images": len(items), "outside_protocol": 0, "unreadable": 0, "no_landmarks": 0, "evaluated": 0}
     images, boxes, truth, gt_lm = [], [], [], []

@@ -103,3 +103,37 @@ def test_bench_small(params):
     assert r["peak_rss_mib"] > 0 and r["total_seconds"] >= 0 and set(r["removed"]) == set(select_coco.RULES)
     details = read_json(provenance_path("reports/bench/coco_select.json"))
     assert details["machine"]["cpus"] > 0 and {"min_side", "max_persons"} <= set(details["rule"]) and details["limit"]
+
+
+def test_fetch_annotations_official_verified_by_md5(params, tmp_path):
+    """The official zip is checked against its md5 pin and swapped in; a mismatch leaves the previous folder."""
+    import hashlib
+    import zipfile
+
+    from test_downloads import Server
+
+    from pipelines.sources.downloads import DownloadError
+
+    zpath = tmp_path / "annotations_trainval2017.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for kind in S.KINDS:
+            for split in S.SPLITS:
+                zf.writestr(f"annotations/{kind}_{split}2017.json", "{}")
+    payload = zpath.read_bytes()
+    zpath.unlink()
+    srv = Server(payload)
+    try:
+        cfg = fetch_coco.FetchCocoConfig(source="official", annotations_url=srv.url, md5=hashlib.md5(payload).hexdigest())
+        base = load(fetch_coco.FetchCocoConfig, "fetch_coco", params)[0]
+        info = fetch_coco.fetch_annotations(base, cfg, tmp_path / "coco")
+        assert info["verified"] == "md5" and info["complete"] is True and info["files"] == 6
+        assert not S.annotations_complete(tmp_path / "coco") and "CC BY 4.0" in info["license"]
+        bad = fetch_coco.FetchCocoConfig(source="official", annotations_url=srv.url, md5="0" * 32)
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        with pytest.raises(DownloadError, match="md5 mismatch"):
+            fetch_coco.fetch_annotations(base, bad, tmp_path / "coco")
+        assert read_json(tmp_path / "coco" / "annotations" / "SOURCE.json") == info
+    finally:
+        srv.close()
+    with pytest.raises(ParamError, match=r"fetch_coco\.md5: expected 32 hex digits"):
+        load(fetch_coco.FetchCocoConfig, "fetch_coco", {**params, "fetch_coco": {**params["fetch_coco"], "md5": "xyz"}})

@@ -20,12 +20,16 @@ SHA = hashlib.sha256(BODY).hexdigest()
 
 
 class Server:
-    """A threaded http.server on 127.0.0.1 that records requests; ``mode`` picks a misbehaviour."""
+    """A threaded http.server on 127.0.0.1 that records requests; ``mode`` picks a misbehaviour.
+
+    It sends ``ETag: etag`` and honours ``If-Range`` (a validator other than the current ETag gets the whole body,
+    200), as S3 and Azure do; ``ignore_if_range`` answers 206 regardless."""
 
     def __init__(self, body: bytes = BODY):
         self.body = body
+        self.etag = '"v1"'
         self.requests: list[dict] = []
-        self.mode = "ok"  # ok | md5 | bad_md5 | html | long | no_range
+        self.mode = "ok"  # ok | md5 | bad_md5 | html | html_as_zip | long | no_range | no_length | ignore_if_range
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -33,11 +37,12 @@ class Server:
                 pass
 
             def do_GET(self):
-                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
-                if server.mode == "html":
-                    page = b"<html>Google Drive - quota exceeded</html>"
+                server.requests.append({"path": self.path, "range": self.headers.get("Range"),
+                                        "if_range": self.headers.get("If-Range")})
+                if server.mode in ("html", "html_as_zip"):
+                    page = b"  \n<!DOCTYPE html><html>Google Drive - quota exceeded</html>"
                     self.send_response(200)
-                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Type", "text/html; charset=utf-8" if server.mode == "html" else "application/zip")
                     self.send_header("Content-Length", str(len(page)))
                     self.end_headers()
                     self.wfile.write(page)
@@ -45,12 +50,16 @@ class Server:
                 full = server.body
                 body, status, start = full, 200, 0
                 m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if m and server.mode != "no_range":
+                if_range = self.headers.get("If-Range")
+                fresh = if_range in (None, server.etag) or server.mode == "ignore_if_range"
+                if m and server.mode != "no_range" and fresh:
                     start, status = int(m.group(1)), 206
                     body = full[start:]
                 self.send_response(status)
                 self.send_header("Content-Type", "application/zip")
-                self.send_header("Content-Length", str(len(body) + (10 if server.mode == "long" else 0)))
+                self.send_header("ETag", server.etag)
+                if server.mode != "no_length":
+                    self.send_header("Content-Length", str(len(body) + (10 if server.mode == "long" else 0)))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(full) - 1}/{len(full)}")
                 if server.mode in ("md5", "bad_md5") and status == 200:
@@ -80,30 +89,91 @@ def _get(server, dest, **kw):
     return download(server.url, dest, progress=False, retries=0, timeout=5, **kw)
 
 
+def _part(dest: Path, data: bytes, etag: str | None = '"v1"', url: str | None = None) -> None:
+    """A part file as an interrupted download leaves it: the bytes, and the validator of its first response."""
+    dest.with_name(dest.name + ".part").write_bytes(data)
+    if etag is not None:
+        dest.with_name(dest.name + ".part.json").write_text(json.dumps({"url": url, "etag": etag, "last_modified": None}))
+
+
 def test_full_download(server, tmp_path):
     dest = tmp_path / "sub" / "f.zip"
     res = _get(server, dest, expected_size=len(BODY), sha256=SHA)
     assert dest.read_bytes() == BODY
-    assert (res.path, res.url, res.size, res.sha256) == (dest, server.url, len(BODY), SHA)
-    assert not (tmp_path / "sub" / "f.zip.part").exists()
-    assert server.requests == [{"path": "/dataset_100.zip", "range": None}]
+    assert (res.path, res.url, res.size, res.sha256, res.verified) == (dest, server.url, len(BODY), SHA, "sha256")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["f.zip"]  # no part file, no part.json
+    assert server.requests == [{"path": "/dataset_100.zip", "range": None, "if_range": None}]
+    assert _get(server, tmp_path / "g.zip").verified == "size-only"
 
 
-def test_resume_sends_range_and_appends(server, tmp_path):
+def test_resume_sends_range_and_if_range_and_appends(server, tmp_path):
     dest = tmp_path / "f.zip"
-    (tmp_path / "f.zip.part").write_bytes(BODY[:30000])
+    _part(dest, BODY[:30000], url=server.url)
     res = _get(server, dest)
-    assert server.requests[-1]["range"] == "bytes=30000-"
-    assert dest.read_bytes() == BODY and res.sha256 == SHA
+    assert (server.requests[-1]["range"], server.requests[-1]["if_range"]) == ("bytes=30000-", '"v1"')
+    assert len(server.requests) == 1 and dest.read_bytes() == BODY and res.sha256 == SHA
 
 
 def test_resume_ignored_by_server_starts_over(server, tmp_path):
     server.mode = "no_range"
     dest = tmp_path / "f.zip"
-    (tmp_path / "f.zip.part").write_bytes(b"garbage that must not stay in front")
+    _part(dest, b"garbage that must not stay in front", url=server.url)
     _get(server, dest)
     assert server.requests[-1]["range"] == "bytes=35-"
     assert dest.read_bytes() == BODY
+
+
+def test_changed_etag_on_resume_starts_over(server, tmp_path):
+    """The file changed on the server since the part file began: its old bytes must not prefix the new ones,
+    whether the server honours If-Range (answers 200) or ignores it (206 with the new ETag)."""
+    for mode in ("ok", "ignore_if_range"):
+        server.mode, server.requests = mode, []
+        dest = tmp_path / mode / "f.zip"
+        dest.parent.mkdir()
+        _part(dest, b"old version of the file " * 100, etag='"v0"', url=server.url)
+        _get(server, dest)
+        assert server.requests[0]["if_range"] == '"v0"'
+        assert dest.read_bytes() == BODY, mode
+    assert [r["range"] for r in server.requests] == ["bytes=2400-", None]  # ignored If-Range: asked again from 0
+
+
+def test_part_file_without_validator_starts_over(server, tmp_path):
+    dest = tmp_path / "f.zip"
+    _part(dest, b"from an unknown version", etag=None)
+    _get(server, dest)
+    assert server.requests[-1]["range"] is None and dest.read_bytes() == BODY
+
+
+def test_no_content_length_needs_a_checksum(server, tmp_path):
+    server.mode = "no_length"  # HTTP/1.0: the body ends when the connection closes, truncated or not
+    with pytest.raises(DownloadError, match=r"127\.0\.0\.1.*no Content-Length and no checksum.*pin its sha256"):
+        _get(server, tmp_path / "f.zip")
+    assert list(tmp_path.iterdir()) == []
+    assert _get(server, tmp_path / "f.zip", sha256=SHA).size == len(BODY)
+
+
+def test_https_to_http_redirect_is_refused(server, tmp_path):
+    """The https answer redirects to plain http: the http URL is never requested."""
+    import io
+
+    import requests
+
+    class RedirectToHttp(requests.adapters.BaseAdapter):
+        def send(self, request, **kwargs):
+            r = requests.Response()
+            r.status_code, r.reason, r.url, r.request = 302, "Found", request.url, request
+            r.headers["Location"] = server.url
+            r.raw = io.BytesIO(b"")
+            return r
+
+        def close(self):
+            pass
+
+    session = requests.Session()
+    session.mount("https://", RedirectToHttp())
+    with pytest.raises(DownloadError, match=r"https://host\.test/f\.zip: redirected to http://127.*downgrade"):
+        download("https://host.test/f.zip", tmp_path / "f.zip", progress=False, retries=0, session=session)
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
 
 
 def test_content_md5_checked(server, tmp_path):
@@ -142,6 +212,24 @@ def test_html_page_is_an_error(server, tmp_path):
     with pytest.raises(DownloadError, match="got an HTML page instead of the file: Google Drive quota"):
         _get(server, tmp_path / "f.zip")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_html_served_as_zip_is_caught(server, tmp_path):
+    server.mode = "html_as_zip"
+    with pytest.raises(DownloadError, match="the body is an HTML/XML page, not the file"):
+        _get(server, tmp_path / "f.zip")
+    assert list(tmp_path.iterdir()) == []
+    server.mode = "ok"  # BODY is no zip: with expect='zip' its first bytes give it away
+    with pytest.raises(DownloadError, match=r"not a zip archive \(it starts with b'\\x00\\x01"):
+        _get(server, tmp_path / "f.zip", expect="zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_html_page_is_evicted(server, tmp_path):
+    dest = tmp_path / "f.zip"
+    dest.write_bytes(b"<html><body>Sign in</body></html>")  # cached by an older version that trusted it
+    _get(server, dest)
+    assert len(server.requests) == 1 and dest.read_bytes() == BODY
 
 
 def test_existing_valid_dest_makes_no_request(server, tmp_path):
@@ -223,6 +311,7 @@ def test_stage_official_with_local_server(tmp_path, repo_root, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000000_ldmks.txt", "SOURCE.json"]
     source = json.loads((out / "SOURCE.json").read_text())
     assert source["sha256"] == hashlib.sha256(payload).hexdigest() and source["size"] == len(payload)
+    assert (source["verified"], source["complete"], source["files"], source["num_samples"]) == ("size-only", True, 2, 1)
     assert source["subset"] == "dataset_100" and "LICENSE.txt" in source["license"]
     assert (work / "data" / "cache" / "downloads" / "dataset_100.zip").read_bytes() == payload
     shutil.rmtree(out)
@@ -249,3 +338,62 @@ def test_stage_official_needs_url(repo_root):
 
     with pytest.raises(C.ParamError, match=r"fetch_facesynthetics\.url: source 'official' needs url"):
         C.parse(FetchConfig, {"source": "official", "subset": "dataset_100"}, "fetch_facesynthetics")
+
+
+# ------------------------------------------------------------------------------------------- archives in folders
+
+def _zip_bytes(tmp_path: Path, files: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    path = tmp_path / "src.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def test_bad_cached_zip_is_evicted_and_fetched_once(tmp_path):
+    """A truncated zip in the cache (an older run's) is dropped and fetched again; a server that keeps sending a
+    broken zip ends in one DownloadError naming the cache file, and the output folder is left as it was."""
+    from pipelines.sources.downloads import install_archive, reusable
+
+    good = _zip_bytes(tmp_path, {"d/a.txt": b"a", "d/b.txt": b"b"})
+    srv = Server(good)
+    try:
+        cache, out = tmp_path / "cache" / "d.zip", tmp_path / "out"
+        cache.parent.mkdir()
+        cache.write_bytes(good[: len(good) // 2])  # PK magic, no central directory
+        manifest = install_archive(srv.url, cache, out, progress=False, retries=0)
+        assert len(srv.requests) == 1 and sorted(p.name for p in out.iterdir()) == ["SOURCE.json", "a.txt", "b.txt"]
+        assert manifest["complete"] is True and manifest["files"] == 2 and manifest["verified"] == "size-only"
+        assert reusable(out, url=srv.url) == manifest and reusable(out, url="https://elsewhere/d.zip") is None
+        srv.body = good[:-30]  # broken at every fetch: its end record is cut
+        cache.unlink()
+        with pytest.raises(DownloadError, match=r"d\.zip \(from http://127.*still not a readable zip"):
+            install_archive(srv.url, cache, out, progress=False, retries=0)
+        assert len(srv.requests) == 3  # the first fetch, then once more
+        assert (out / "a.txt").read_bytes() == b"a" and reusable(out, url=srv.url) == manifest
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # no partial folder left
+    finally:
+        srv.close()
+
+
+def test_stage_failed_fetch_keeps_previous_output(tmp_path, repo_root, monkeypatch):
+    from stages import fetch_facesynthetics as stage
+
+    srv = Server(b"not a zip at all")
+    try:
+        def edit(sec):
+            sec["url"] = srv.url.replace("dataset_100", "{subset}")
+            sec["subset"] = "dataset_100"
+        _stage_dir(tmp_path, repo_root, monkeypatch, edit)
+        out = tmp_path / "data" / "raw" / "facesynthetics"
+        out.mkdir(parents=True)
+        (out / "000000.png").write_bytes(b"previous run")
+        with pytest.raises(DownloadError, match="not a zip archive"):
+            stage.main(["--profile", "real"])
+    finally:
+        srv.close()
+    assert (out / "000000.png").read_bytes() == b"previous run"

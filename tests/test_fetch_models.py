@@ -115,3 +115,31 @@ def test_torchscript_standin_revision_is_its_weights(tmp_path: Path, repo_root: 
     assert (tmp_path / "a" / a.id).read_bytes() == (tmp_path / "b" / a.id).read_bytes()  # and DVC's hash too
     assert out == a.revision
     assert make_standin("inception", tmp_path / "c", seed=1).revision != a.revision
+
+
+def test_torchscript_weights_need_a_pinned_sha256(tmp_path: Path) -> None:
+    """A TorchScript file runs code when loaded: unpinned, it is not installed and the error gives its sha256 to
+    pin; pinned, it is installed from the cache without a second download."""
+    import hashlib
+
+    import torch
+    from test_downloads import Server
+
+    from pipelines.model_store import fetch_weights_file
+
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "net.pt")
+    payload = (tmp_path / "net.pt").read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    srv = Server(payload)
+    try:
+        with pytest.raises(DownloadError, match=f"TorchScript .*pins no sha256.*sha256 is {digest}"):
+            fetch_weights_file("inception", srv.url, "net.pt", tmp_path / "out", tmp_path / "cache")
+        assert not (tmp_path / "out").exists()
+        info = fetch_weights_file("inception", srv.url, "net.pt", tmp_path / "out", tmp_path / "cache", sha256=digest)
+        assert len(srv.requests) == 1 and info.revision == digest and "pinned" in info.note
+        assert (tmp_path / "out" / "net.pt").read_bytes() == payload
+        srv.body = b"\0" * 64  # not TorchScript: unpinned is installed, and its manifest says so
+        other = fetch_weights_file("spiga", srv.url, "w.pt", tmp_path / "out2", tmp_path / "cache")
+        assert other.note.startswith("unpinned")
+    finally:
+        srv.close()

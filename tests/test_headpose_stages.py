@@ -171,3 +171,44 @@ def test_headpose_photos_stage_counts_face_free_image(workdir, monkeypatch):
     assert summary["rows"] == 2 * c["faces_labelled"] and c["faces_labelled"] >= 2
     ds = datasets.load_dataset(str(workdir / "data/datasets/headpose_photos"), split="train")
     assert set(ds["estimator"]) <= {"spiga", "pnp"} and "grace_hopper.jpg" in ds["id"]
+
+
+def test_validate_headpose_trusts_raw_folder_only_by_its_manifest(tmp_path):
+    """The sample's rendered faces in data/raw/aflw2000, or a half-extracted folder, are not taken for AFLW2000-3D:
+    the official zip is fetched, verified against the pin and swapped in; a complete official folder is reused."""
+    import hashlib
+    import zipfile
+
+    from test_downloads import Server
+
+    from pipelines.sources.aflw2000 import write_sample as write_aflw_sample
+    from pipelines.sources.downloads import DownloadError
+    from stages.validate_headpose import ValidateHeadposeConfig, fetch
+
+    src = tmp_path / "src"
+    write_aflw_sample(src, 2, seed=5, size=64)
+    zpath = tmp_path / "AFLW2000-3D.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(src.glob("image*")):
+            zf.write(p, f"AFLW2000/{p.name}")
+    payload = zpath.read_bytes()
+    raw = tmp_path / "data" / "raw" / "aflw2000"
+    write_aflw_sample(raw, 3, seed=0, size=64)  # what the sample profile left behind (persist: true)
+    srv = Server(payload)
+    try:
+        cfg = ValidateHeadposeConfig(source="official", box_margin=5, batch_size=4, url=srv.url,
+                                     sha256=hashlib.sha256(payload).hexdigest())
+        got = fetch(cfg, 0, raw)
+        assert len(srv.requests) == 1 and got["source"] == "official" and got["verified"] == "sha256"
+        assert got["num_faces"] == 2 and sorted(p.name for p in raw.iterdir()) == [
+            "SOURCE.json", "image00000.jpg", "image00000.mat", "image00001.jpg", "image00001.mat"]
+        assert fetch(cfg, 0, raw) == got and len(srv.requests) == 1  # complete and matching: reused
+        (raw / "image00001.mat").unlink()  # half there: the manifest's file count no longer holds
+        assert fetch(cfg, 0, raw)["num_faces"] == 2 and len(srv.requests) == 1  # refetched from the verified cache
+        assert (raw / "image00001.mat").is_file()
+        with pytest.raises(DownloadError, match="sha256 mismatch"):
+            fetch(ValidateHeadposeConfig(source="official", box_margin=5, batch_size=4, url=srv.url, sha256="0" * 64),
+                  0, raw)
+        assert (raw / "SOURCE.json").is_file()  # a failed fetch leaves the previous folder
+    finally:
+        srv.close()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import types
+import unittest.mock
 import zipfile
 from pathlib import Path
 
@@ -192,7 +194,7 @@ def test_write_sample_deterministic_counts_and_broken(tmp_path):
     for s in samples:
         try:
             fs.read_image(s.image_path, size=128)
-            fs.read_image(s.segmentation_path, size=128 if s.id != "000008" else None, mode="L")
+            fs.read_segmentation(s.segmentation_path, size=128 if s.id != "000008" else None)
             pts = fs.read_landmarks(s.landmarks_path)
         except fs.SampleError as exc:
             assert source["broken"].get(s.id) == exc.reason, s.id
@@ -260,3 +262,67 @@ def test_extract_zip_rejects_path_traversal(tmp_path, name):
         extract_zip(zpath, out)
     assert not (tmp_path / "deep" / "evil").exists() and not (tmp_path / "evil").exists()
     assert not out.exists()  # nothing written: the archive is checked before extraction
+
+
+def _zip_declaring(path: Path, member: str, data: bytes, declared: int) -> Path:
+    """A zip whose member ``member`` holds ``data`` but whose headers declare ``declared`` uncompressed bytes."""
+    import struct
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(member, data)
+    raw = bytearray(path.read_bytes())
+    local, central = raw.find(b"PK\x03\x04"), raw.find(b"PK\x01\x02")
+    struct.pack_into("<I", raw, local + 22, declared)  # local header: uncompressed size
+    struct.pack_into("<I", raw, central + 24, declared)  # central directory: uncompressed size
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_extract_zip_refuses_a_bomb_before_writing(tmp_path):
+    """A small zip declaring 2 GiB is refused against max_bytes and against the free disk, nothing written."""
+    from pipelines.sources import downloads as D
+
+    zpath = _zip_declaring(tmp_path / "bomb.zip", "big.bin", b"\0" * (1 << 20), 2 << 30)
+    assert zpath.stat().st_size < 10_000
+    out = tmp_path / "out"
+    with pytest.raises(D.ArchiveError, match=r"bomb\.zip: declares 2,147,483,648 uncompressed bytes, over the limit of 1,073,741,824"):
+        extract_zip(zpath, out, max_bytes=1 << 30)
+    assert not out.exists()
+    with unittest.mock.patch.object(D.shutil, "disk_usage", return_value=types.SimpleNamespace(free=1000)), \
+            pytest.raises(D.ArchiveError, match=r"declares 2,147,483,648 uncompressed bytes, only 1,000 free at"):
+        extract_zip(zpath, out)
+    assert not out.exists()
+
+
+def test_extract_zip_stops_at_a_lying_size(tmp_path):
+    """A member declaring 1,000 bytes that holds 100,000 writes no more than declared and fails as corrupt."""
+    from pipelines.sources.downloads import CorruptArchive
+
+    zpath = _zip_declaring(tmp_path / "liar.zip", "a.bin", b"x" * 100_000, 1000)
+    with pytest.raises(CorruptArchive, match=r"liar\.zip: not a readable zip archive"):
+        extract_zip(zpath, tmp_path / "out")
+    assert (tmp_path / "out" / "a.bin").stat().st_size <= 1000
+
+
+def test_extract_zip_refuses_duplicate_members(tmp_path):
+    import warnings
+
+    from pipelines.sources.downloads import ArchiveError
+
+    zpath = tmp_path / "dup.zip"
+    with warnings.catch_warnings(), zipfile.ZipFile(zpath, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns "Duplicate name" but writes it
+        zf.writestr("d/a.txt", b"first")
+        zf.writestr("d/a.txt", b"second, which would silently replace the first")
+    with pytest.raises(ArchiveError, match=r"'d/a.txt' appears twice"):
+        extract_zip(zpath, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_zip_unreadable_is_corrupt_archive(tmp_path):
+    from pipelines.sources.downloads import CorruptArchive
+
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(CorruptArchive, match=r"bad\.zip: not a readable zip archive"):
+        extract_zip(bad, tmp_path / "out")

@@ -7,7 +7,8 @@ Layout (the official one): ``annotations/{instances,person_keypoints,captions}_{
   compressed RLE persons, an ``iscrowd=1`` crowd, keypoints with visibility flags, captions, and JPEGs
   drawn from the masks; each image exercises one branch of the selection rule (``SAMPLE_EXPECTED``), one
   kept image has no file (a missing image) and one person annotation is malformed.
-* :func:`fetch_annotations` gets the official annotation zip (resumable, verified) or copies a local folder.
+* :func:`fetch_annotations` gets the official annotation zip (resumable, verified against its published md5,
+  swapped in only once complete) or copies a local folder.
 * :func:`fetch_images` gets only the given images: copied from a local COCO folder or downloaded by their
   ``coco_url``; files already present that decode are kept (a rerun resumes), failures are listed.
 """
@@ -27,11 +28,16 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from pipelines.reports import write_json
-from pipelines.sources.downloads import DownloadError, download, extract_zip
+from pipelines.sources.downloads import DownloadError, download, install_archive
 
 SPLITS = ("train", "val")
 KINDS = ("instances", "person_keypoints", "captions")
-ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+ANNOTATIONS_URL = "https://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+# md5 of that zip as published in public download scripts (intel/neural-compressor
+# examples/pytorch/fx/object_detection/maskrcnn/download_dataset.sh, PaddleDetection's reader tests); COCO
+# publishes no sha256
+ANNOTATIONS_MD5 = "f4bbac642086de4f52a3fdda2de5fa2c"
+HTTPS_HOSTS = ("http://images.cocodataset.org/",)  # hosts whose http URLs (coco_url) are fetched over https
 KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
                   "right_knee", "left_ankle", "right_ankle"]
@@ -230,30 +236,31 @@ def annotations_complete(root: str | Path) -> list[Path]:
 
 
 def fetch_annotations(out: Path, source: str, url: str | None = None, local_dir: str | Path | None = None,
-                      sha256: str | None = None, cache: Path = Path("data/cache/downloads")) -> dict:
-    """Fill ``out/annotations/`` from the official zip (``source='official'``) or a local COCO folder
-    (``source='local'``: ``local_dir/annotations/*.json``); return a SOURCE dict."""
+                      sha256: str | None = None, md5: str | None = None,
+                      cache: Path = Path("data/cache/downloads")) -> dict:
+    """Fill ``out/annotations/`` from the official zip (``source='official'``: verified, extracted beside it and
+    swapped in, its SOURCE.json written) or a local COCO folder (``source='local'``:
+    ``local_dir/annotations/*.json``); return a SOURCE dict."""
     dest = Path(out) / "annotations"
-    dest.mkdir(parents=True, exist_ok=True)
+    names = [annotation_path(".", k, s).name for k in KINDS for s in SPLITS]
     if source == "official":
-        result = download(url, Path(cache) / Path(url).name, sha256=sha256)
-        extract_zip(result.path, dest)
-        info: dict[str, Any] = {"source": "official", "url": url, "size": result.size, "sha256": result.sha256}
-    elif source == "local":
-        for kind in KINDS:
-            for split in SPLITS:
-                src = annotation_path(local_dir, kind, split)
-                if not src.is_file():
-                    raise FileNotFoundError(f"{src} is missing: fetch_coco.local_dir must hold COCO's annotations/")
-                shutil.copyfile(src, dest / src.name)
-        info = {"source": "local", "local_dir": str(local_dir)}
-    else:
+        def complete(folder: Path) -> dict:
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise DownloadError(f"{url}: the zip lacks {', '.join(missing)}")
+            return {}
+
+        return install_archive(url, Path(cache) / Path(url).name, dest, sha256=sha256, md5=md5, check=complete,
+                               info={"license": LICENSE})
+    if source != "local":
         raise ValueError(f"unknown annotation source {source!r}")
-    missing = annotations_complete(out)
-    if missing:
-        raise FileNotFoundError(f"annotation files missing after fetching: {', '.join(map(str, missing))}")
-    info["license"] = LICENSE
-    return info
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src = Path(local_dir) / "annotations" / name
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} is missing: fetch_coco.local_dir must hold COCO's annotations/")
+        shutil.copyfile(src, dest / name)
+    return {"source": "local", "local_dir": str(local_dir), "license": LICENSE}
 
 
 def _valid_image(path: Path) -> bool:
@@ -284,6 +291,8 @@ def _fetch_one(job: tuple[str, dict, Path, str, Path | None]) -> tuple[str, int,
         url = img.get("coco_url")
         if not url:
             return split, int(img["id"]), "missing", "no coco_url"
+        if url.startswith(HTTPS_HOSTS):
+            url = "https://" + url.removeprefix("http://")
         try:
             download(url, dest, progress=False)
         except DownloadError as exc:
@@ -298,7 +307,9 @@ def fetch_images(wanted: Iterable[tuple[str, dict]], out: Path, source: str, loc
                  num_workers: int = 8, prune: bool = True) -> dict:
     """Put each ``(split, image entry)`` at ``out/{split}2017/{file_name}``; return counts and failures.
 
-    ``source``: ``local`` copies from ``local_dir/{split}2017/``; ``url`` downloads ``coco_url``. Files
+    ``source``: ``local`` copies from ``local_dir/{split}2017/``; ``url`` downloads ``coco_url`` (over https for
+    images.cocodataset.org; COCO publishes no per-image checksum, so each is verified by its Content-Length and
+    by decoding it: ``verified: size-only`` in the result). Files
     already there that decode are kept, so an interrupted run resumes; with ``prune``, files of images no
     longer wanted are removed. Missing or failed images are listed, never raised.
     """
@@ -326,7 +337,8 @@ def fetch_images(wanted: Iterable[tuple[str, dict]], out: Path, source: str, loc
                     if p not in keep:
                         p.unlink()
     return {"counts": counts, "problems": {s: dict(sorted(v.items(), key=lambda kv: int(kv[0])))
-                                           for s, v in problems.items()}}
+                                           for s, v in problems.items()},
+            **({"verified": "size-only (Content-Length) + decoded"} if source == "url" else {})}
 
 
 # --- a synthetic annotation file of COCO's size (the selection benchmark) ---
