@@ -30,13 +30,15 @@ half a profile face, so a scale of 1.8 covers forehead to chin on frontal and th
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import datasets
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from pipelines import images
 
 PERSON = 1  # COCO category id of "person"
 FACE_KEYPOINTS = 5  # nose, left eye, right eye, left ear, right ear: the first 5 of COCO's 17
@@ -320,7 +322,8 @@ def _card_body(report: dict) -> str:
     lines += ["", f"Rows skipped at assembly (image missing or unreadable): {report['skipped']}.", "",
               "For comparison, the Masked_LDM subset (rule never published) had 37,470 train / 1,565 validation images.",
               "", "## Columns", "",
-              "- `image`: the COCO image (RGB JPEG as fetched).",
+              "- `image`: the COCO image (RGB JPEG as fetched; any other file converted to an 8-bit RGB PNG). "
+              + images.describe_conversions(report.get("image_conversions")),
               "- `person_mask`: grayscale PNG, 255 on the union of all person segmentations (crowd regions included "
               "when allowed), decoded with pycocotools (polygons and RLE), 0 elsewhere.",
               f"- `face_boxes`: `[x1, y1, x2, y2]` px per person with >= {fb['min_face_keypoints']} face keypoints at "
@@ -338,12 +341,11 @@ def assemble_coco_humans(selection: dict, coco_root: Any, images_dir: Any, out_d
     """Write the dataset (train / validation) under ``out_dir`` from a selection; return the report.
 
     ``load(path) -> COCO`` reads an annotation file; ``coco_root`` holds ``annotations/``, ``images_dir``
-    holds ``{split}2017/``. A missing, unreadable or wrongly sized image is skipped and counted.
+    holds ``{split}2017/``. A missing, unreadable or wrongly sized image, or one with no meaningful RGB
+    conversion (:mod:`pipelines.images`), is skipped and counted.
     """
     import shutil
     from pathlib import Path
-
-    from PIL import Image
 
     from pipelines.hfdata import ParquetShardWriter, write_card
 
@@ -354,31 +356,29 @@ def assemble_coco_humans(selection: dict, coco_root: Any, images_dir: Any, out_d
     out_dir.mkdir(parents=True)
     features = coco_humans_features()
     counts, nbytes, skipped, faces = {}, {}, {}, {}
+    conversions: Counter = Counter()
     for coco_split, name in SPLIT_NAMES.items():
         ids = selection["splits"][coco_split]["image_ids"]
         persons = load(coco_root / "annotations" / f"person_keypoints_{coco_split}2017.json")
         caps = captions_by_image(load(coco_root / "annotations" / f"captions_{coco_split}2017.json"))
-        skip = {"missing_image": 0, "corrupt_image": 0, "wrong_image_size": 0, "malformed_annotation": 0}
+        skip = {images.MISSING_IMAGE: 0, images.CORRUPT_IMAGE: 0, images.WRONG_IMAGE_SIZE: 0,
+                images.UNSUPPORTED_IMAGE_MODE: 0, "malformed_annotation": 0}
         n_faces = 0
         with ParquetShardWriter(out_dir, name, features, rows_per_file) as writer:
             for image_id in ids:
                 img = persons.imgs.get(image_id)
-                path = images_dir / f"{coco_split}2017" / img["file_name"] if img else None
-                if path is None or not path.is_file():
+                if img is None:
                     skip["missing_image"] += 1
                     continue
-                try:
-                    with Image.open(path) as im:
-                        im.load()
-                        size = im.size
-                        data = path.read_bytes() if im.format == "JPEG" and im.mode == "RGB" else im.convert("RGB")
-                except Exception:
-                    skip["corrupt_image"] += 1
+                try:  # the file's own bytes when an RGB JPEG, else converted to 8-bit RGB PNG
+                    data, note = images.encode(images_dir / f"{coco_split}2017" / img["file_name"],
+                                            (int(img["width"]), int(img["height"])), images.RGB, ("JPEG",))
+                except images.ImageError as exc:
+                    skip[exc.reason] += 1
                     continue
-                if size != (int(img["width"]), int(img["height"])):
-                    skip["wrong_image_size"] += 1
-                    continue
-                image = {"bytes": data, "path": None} if isinstance(data, bytes) else data
+                if note:
+                    conversions[note] += 1
+                image = {"bytes": data, "path": None}
                 try:
                     row = image_row(img, person_annotations(persons, image_id), caps.get(image_id, []), image,
                                     face_rule, include_crowd=bool(rule["allow_crowd"]))
@@ -400,6 +400,7 @@ def assemble_coco_humans(selection: dict, coco_root: Any, images_dir: Any, out_d
         "rule": rule,
         "face_box_rule": face_rule.to_dict(),
         "skipped": skipped,
+        "image_conversions": dict(sorted(conversions.items())),
         "face_boxes": faces,
         "reference_counts": {"train": 37470, "validation": 1565, "source": "Masked_LDM (CMU, 2023), rule unpublished"},
         "data_source": source or None,

@@ -8,7 +8,6 @@ dataset report. diffusers' train_controlnet.py reads the result with its default
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import shutil
 import time
@@ -21,21 +20,15 @@ from typing import Any
 import cv2
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from pipelines import images
 from pipelines.faces.draw import draw_landmarks
 from pipelines.hfdata import ParquetShardWriter, facesynthetics_features, write_card
 from pipelines.metrics.landmarks import nme, summarize_nme
 from pipelines.reports import ModelInfo, provenance, read_json, split_report, write_report
 from pipelines.shards import read_shards, read_summary
-from pipelines.sources.facesynthetics import (
-    CORRUPT_IMAGE,
-    MISSING_IMAGE,
-    WRONG_IMAGE_SIZE,
-    SampleError,
-    sample_paths,
-)
+from pipelines.sources.facesynthetics import CORRUPT_IMAGE, SampleError, sample_error, sample_paths
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +47,6 @@ MISSING_CAPTION = "missing_caption"
 MISSING_ANNOTATION = "missing_annotation"
 ANNOTATION_FAILED = "annotation_failed"  # a failed annotation row without a reason
 CAPTION_FAILED = "caption_failed"
-MISSING_SEGMENTATION = "missing_segmentation"
 
 
 @dataclass(frozen=True)
@@ -133,44 +125,31 @@ class _Job:
     line_width: int
 
 
-def _png_image(path: str, size: int, modes: tuple[str, ...], convert: str, missing: str) -> dict:
-    """The file's own PNG bytes when it is a ``size`` x ``size`` PNG in one of ``modes``, else re-encoded.
-
-    Raises :class:`SampleError` (``missing``, ``wrong_image_size``, ``corrupt_image``).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise SampleError(missing, p.name)
-    data = p.read_bytes()
+def _png(path: str, size: int, target: str, segmentation: bool) -> tuple[dict, str | None]:
+    """The image feature value of a raw PNG (its own bytes when stored as ``target``, else converted;
+    :func:`pipelines.images.encode`) and the conversion applied. Raises :class:`SampleError`."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size != (size, size):
-                raise SampleError(WRONG_IMAGE_SIZE, f"{p.name} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
-            if im.format == "PNG" and im.mode in modes:
-                im.verify()  # chunk CRCs: a truncated file fails here without a full decode
-                return {"bytes": data, "path": None}
-            im.load()
-            buf = io.BytesIO()
-            im.convert(convert).save(buf, format="PNG")
-            return {"bytes": buf.getvalue(), "path": None}
-    except SampleError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SampleError(CORRUPT_IMAGE, f"{p.name}: {exc}") from exc
+        data, note = images.encode(path, (size, size), target)
+    except images.ImageError as exc:
+        raise sample_error(exc, segmentation) from exc
+    return {"bytes": data, "path": None}, note
 
 
-def _build(job: _Job) -> tuple[str, dict | None, str | None]:
-    """Draw the conditioning image and read the raw image and segmentation: (id, parts or None, reason)."""
+def _build(job: _Job) -> tuple[str, dict | None, str | None, list[str]]:
+    """Draw the conditioning image and read the raw image and segmentation: (id, parts or None, reason,
+    conversions applied as ``column: note``)."""
     try:
-        image = _png_image(job.image_path, job.size, ("RGB",), "RGB", MISSING_IMAGE)
-        seg = _png_image(job.segmentation_path, job.size, ("L", "P"), "L", MISSING_SEGMENTATION)
+        image, image_note = _png(job.image_path, job.size, images.RGB, segmentation=False)
+        seg, seg_note = _png(job.segmentation_path, job.size, images.LABELS, segmentation=True)
     except SampleError as exc:
-        return job.id, None, exc.reason
+        return job.id, None, exc.reason, []
     drawing = draw_landmarks(job.landmarks, size=job.size, line_width=job.line_width)
     ok, png = cv2.imencode(".png", cv2.cvtColor(drawing, cv2.COLOR_RGB2BGR))
     if not ok:
-        return job.id, None, "encode_error"
-    return job.id, {"image": image, "segmentation": seg, "conditioning_image": {"bytes": png.tobytes(), "path": None}}, None
+        return job.id, None, "encode_error", []
+    notes = [f"{col}: {n}" for col, n in (("image", image_note), ("segmentation", seg_note)) if n]
+    return job.id, {"image": image, "segmentation": seg, "conditioning_image": {"bytes": png.tobytes(), "path": None}}, \
+        None, notes
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -229,6 +208,7 @@ def _card_body(report: dict, out_dir: Path, models: list[ModelInfo], source: dic
     lines += ["", f"Skipped: {report['skipped_total']}" + (" rows:" if report["skipped"] else " rows.")]
     for reason, count in sorted(report["skipped"].items()):
         lines.append(f"- `{reason}`: {count}")
+    lines += ["", images.describe_conversions(report["image_conversions"], labels=True)]
     lines += ["", "Columns: `image` (the rendered face, RGB PNG), `conditioning_image` (the drawing), `text` "
               "(caption), `landmarks` (SPIGA, 68x2 px), `headpose` (SPIGA: Euler angles then translation), "
               "`face_box` (x, y, w, h), `source_landmarks` (the sample's own 70 points), `segmentation` "
@@ -289,16 +269,18 @@ def assemble_dataset(opts: AssemblyOptions, raw_dir: Path, annotations_dir: Path
     jobs = [_Job(i, str(sample_paths(raw_dir, i).image_path), str(sample_paths(raw_dir, i).segmentation_path),
                  landmarks[n], opts.image_size, cfg.line_width) for n, i in enumerate(kept)]
     written: list[int] = []  # positions in ``kept`` that made it into the dataset
+    conversions: Counter = Counter()  # "column: note" -> rows converted
     start = time.perf_counter()
     writers = {s: ParquetShardWriter(out_dir, s, features, cfg.rows_per_file) for s in SPLITS}
     try:
         pool = Pool(cfg.num_workers) if cfg.num_workers > 0 else None
         try:
             results = pool.imap(_build, jobs, chunksize=8) if pool else map(_build, jobs)
-            for n, (sid, parts, reason) in enumerate(tqdm(results, total=len(jobs), desc="assemble", unit="row")):
+            for n, (sid, parts, reason, notes) in enumerate(tqdm(results, total=len(jobs), desc="assemble", unit="row")):
                 if parts is None:
                     skipped[reason or CORRUPT_IMAGE] += 1
                     continue
+                conversions.update(notes)
                 writers[split_of[sid]].write({
                     "id": sid, "text": texts[sid], "landmarks": landmarks[n], "headpose": headpose[n],
                     "face_box": face_box[n], "source_landmarks": source_landmarks[n], **parts})
@@ -331,6 +313,7 @@ def assemble_dataset(opts: AssemblyOptions, raw_dir: Path, annotations_dir: Path
         "validation_count_capped": n_val < cfg.validation_count,
         "skipped": dict(sorted(skipped.items())),
         "skipped_total": int(sum(skipped.values())),
+        "image_conversions": dict(sorted(conversions.items())),
         "landmark_nme": {"label": NME_LABEL, **summarize_nme(per_face, cfg.nme_failure_threshold)},
         "assemble_images_per_s": total / seconds if seconds > 0 else None,
         **provenance(models, runtime={"annotate": ann_summary.get("runtime"), "caption": cap_summary.get("runtime")},

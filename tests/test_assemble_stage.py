@@ -137,6 +137,23 @@ def test_assemble_end_to_end(workdir):
     assert not (out / "data/train-00000-of-00009.parquet").exists()
 
 
+def test_assemble_converts_a_sixteen_bit_image_and_the_card_says_so(workdir):
+    raw = workdir / "data/raw/facesynthetics"
+    yy, xx = np.mgrid[0:512, 0:512]
+    grey16 = (xx * 128 + yy // 4).astype(np.uint16)  # 0..65535 over the width
+    Image.fromarray(grey16).save(raw / "000001.png")  # 16-bit grey: Pillow's convert("RGB") made it all white
+    A.main(["--params", "params.yaml"])
+    out = workdir / "data/datasets/facesynthetics_spiga"
+    ds = datasets.load_dataset(str(out), cache_dir=str(workdir / "hf_cache"))
+    row = next(r for s in ds for r in ds[s] if r["id"] == "000001")
+    expected = (grey16 >> 8).astype(np.uint8)
+    assert np.array_equal(np.asarray(row["image"]), np.repeat(expected[..., None], 3, axis=-1))
+    details = read_json(provenance_path(workdir / "reports/datasets/facesynthetics_spiga.json"))
+    assert details["image_conversions"] == {"image: I;16->RGB (>>8)": 1}
+    card = (out / "README.md").read_text()
+    assert "value >> 8" in card and "`image: I;16->RGB (>>8)`: 1" in card
+
+
 def test_validation_count_is_capped_and_workers_keep_order(workdir):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["assemble"]["validation_count"] = 10

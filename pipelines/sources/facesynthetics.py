@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from pipelines import images
 
 NUM_SOURCE_LANDMARKS = 70  # iBUG 68 + 2 pupils
 #: The official zips and the samples each holds (the names of the Microsoft FaceSynthetics release).
@@ -18,9 +19,13 @@ SUBSET_SIZES = {"dataset_100": 100, "dataset_1000": 1000, "dataset_100000": 100_
 _ID = re.compile(r"^(\d{6})(?:_seg\.png|_ldmks\.txt|\.png)$")
 
 # Stable skip reasons (they appear in reports; do not rename lightly).
-MISSING_IMAGE = "missing_image"
-CORRUPT_IMAGE = "corrupt_image"
-WRONG_IMAGE_SIZE = "wrong_image_size"
+MISSING_IMAGE = images.MISSING_IMAGE
+CORRUPT_IMAGE = images.CORRUPT_IMAGE
+WRONG_IMAGE_SIZE = images.WRONG_IMAGE_SIZE  # the image's or the segmentation's (the detail names the file)
+UNSUPPORTED_IMAGE_MODE = images.UNSUPPORTED_IMAGE_MODE
+MISSING_SEGMENTATION = "missing_segmentation"
+CORRUPT_SEGMENTATION = "corrupt_segmentation"
+UNSUPPORTED_SEGMENTATION_MODE = "unsupported_segmentation_mode"
 MISSING_LANDMARKS = "missing_landmarks"
 BAD_LANDMARKS = "bad_landmarks"
 BOX_OFF_IMAGE = "box_off_image"
@@ -59,21 +64,31 @@ def list_samples(root: str | Path) -> list[FaceSample]:
     return [sample_paths(root, i) for i in sorted(ids)]
 
 
-def read_image(path: str | Path, size: int | None = None, mode: str = "RGB") -> np.ndarray:
-    """Decode an image to a uint8 array (``RGB``: HxWx3; ``L``: HxW), checking it is ``size`` x ``size``."""
-    path = Path(path)
-    if not path.is_file():
-        raise SampleError(MISSING_IMAGE, str(path))
+_AS_SEGMENTATION = {MISSING_IMAGE: MISSING_SEGMENTATION, CORRUPT_IMAGE: CORRUPT_SEGMENTATION,
+                    UNSUPPORTED_IMAGE_MODE: UNSUPPORTED_SEGMENTATION_MODE}
+
+
+def sample_error(exc: images.ImageError, segmentation: bool = False) -> SampleError:
+    """The :class:`SampleError` for a bad image file (a segmentation's reasons say ``segmentation``)."""
+    reason = _AS_SEGMENTATION.get(exc.reason, exc.reason) if segmentation else exc.reason
+    return SampleError(reason, exc.detail)
+
+
+def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Decode an image to an HxWx3 uint8 RGB array (:func:`pipelines.images.to_rgb`), checking from its
+    header that it is ``size`` x ``size``."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if size is not None and im.size != (size, size):
-                raise SampleError(WRONG_IMAGE_SIZE, f"{path.name} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
-            return np.asarray(im.convert(mode))
-    except SampleError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SampleError(CORRUPT_IMAGE, f"{path.name}: {exc}") from exc
+        return images.read(path, None if size is None else (size, size), images.RGB)[0]
+    except images.ImageError as exc:
+        raise sample_error(exc) from exc
+
+
+def read_segmentation(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Decode a ``_seg.png`` class-index map to an HxW uint8 array, checking it is ``size`` x ``size``."""
+    try:
+        return images.read(path, None if size is None else (size, size), images.LABELS)[0]
+    except images.ImageError as exc:
+        raise sample_error(exc, segmentation=True) from exc
 
 
 def read_landmarks(path: str | Path, expected: int = NUM_SOURCE_LANDMARKS) -> np.ndarray:
