@@ -49,6 +49,11 @@ def load_caption_input(sample: FaceSample, image_size: int, image_processor: obj
     return {} if image_processor is None else {"pixel_values": pixel_values(image_processor, image)}
 
 
+def caption_inputs(sample: FaceSample) -> list[Path]:
+    """The files :func:`load_caption_input` reads: a change in one makes the sample's shard again."""
+    return [sample.image_path]
+
+
 def caption_batch_fn(captioner: BlipCaptioner | None) -> Callable[[list[dict]], list[dict]]:
     """The batch function for :class:`~pipelines.shards.ShardedMap`: one ``generate`` per batch (or empty texts)."""
 

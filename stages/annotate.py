@@ -4,7 +4,9 @@ Reads data/raw/facesynthetics and data/models/spiga; writes parquet shards under
 data/interim/facesynthetics/annotations/ (resumable: a killed run keeps its whole shards) and a
 summary.json beside them (no timings: data), plus reports/bench/annotate.json (this run's items/s and shard
 reuse, with its .provenance.json). The face box is the original rule (the sample's own 70 landmarks, grown by
-annotate.box_margin); a box mostly off the image is skipped as box_off_image. Several GPUs:
+annotate.box_margin); a box mostly off the image is skipped as box_off_image. A rerun remakes only the shards
+whose raw files (image, landmarks) changed or that do not verify; a second run on the same output fails at
+once (pipelines/shards.py). Several GPUs:
 `accelerate launch -m stages.annotate` (each process does its shards; the main process writes the summary).
 """
 from __future__ import annotations
@@ -14,11 +16,11 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from pipelines.faces.annotate import ANNOTATION_SCHEMA, load_face, spiga_batch_fn
+from pipelines.faces.annotate import ANNOTATION_SCHEMA, face_inputs, load_face, spiga_batch_fn
 from pipelines.faces.spiga import SpigaAnnotator
 from pipelines.reports import read_model_manifest
 from pipelines.runtime import init_runtime
-from pipelines.shards import ShardedMap, write_summary
+from pipelines.shards import ShardedMap, output_lock, write_summary
 from pipelines.sources.facesynthetics import list_samples
 from stages import config
 from stages.schemas.annotate import AnnotateConfig
@@ -46,19 +48,20 @@ def main(argv: list[str] | None = None) -> dict | None:
     annotator = SpigaAnnotator.load(MODEL_DIR / info.id, runtime.device, runtime.precision)
     run_config = {"model": {"id": info.id, "revision": info.revision}, "precision": runtime.precision,
                   "box_margin": cfg.box_margin, "min_box_inside": cfg.min_box_inside, "image_size": base.image_size}
-    result = ShardedMap(OUT_DIR, ANNOTATION_SCHEMA, shard_size=cfg.shard_size).run(
-        samples, [s.id for s in samples],
-        functools.partial(load_face, image_size=base.image_size, box_margin=cfg.box_margin,
-                          min_box_inside=cfg.min_box_inside),
-        spiga_batch_fn(annotator), run_config, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        process_index=runtime.process_index, num_processes=runtime.num_processes, desc="annotate",
-        wait=runtime.wait_for_everyone,
-    )
-    if not runtime.is_main_process:
-        return None
-    summary = write_summary(OUT_DIR, result, model=info.to_dict(), runtime=runtime.describe(),
-                            config={**asdict(cfg), "image_size": base.image_size},
-                            num_processes=runtime.num_processes, run_report=RUN_REPORT)
+    with output_lock(OUT_DIR, runtime.is_main_process):  # one run at a time, until its summary is written
+        result = ShardedMap(OUT_DIR, ANNOTATION_SCHEMA, shard_size=cfg.shard_size).run(
+            samples, [s.id for s in samples],
+            functools.partial(load_face, image_size=base.image_size, box_margin=cfg.box_margin,
+                              min_box_inside=cfg.min_box_inside),
+            spiga_batch_fn(annotator), run_config, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+            process_index=runtime.process_index, num_processes=runtime.num_processes, desc="annotate",
+            wait=runtime.wait_for_everyone, inputs=face_inputs,
+        )
+        if not runtime.is_main_process:
+            return None
+        summary = write_summary(OUT_DIR, result, model=info.to_dict(), runtime=runtime.describe(),
+                                config={**asdict(cfg), "image_size": base.image_size},
+                                num_processes=runtime.num_processes, run_report=RUN_REPORT)
     c, rate = summary["counts"], (summary["throughput"] or {}).get("items_per_second")
     log.info("annotate: %d rows, %d ok, %d failed %s; this run %d items%s, %d shards reused%s", c["rows"], c["ok"],
              c["failed"], c["failed_by_reason"], result.items_processed,

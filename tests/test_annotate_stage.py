@@ -1,4 +1,5 @@
-"""Stage annotate end to end on a tiny fixture: shards, summary, failure reasons, kill -9 resume, invalidation."""
+"""Stage annotate end to end on a tiny fixture: shards, summary, failure reasons, kill -9 resume, invalidation
+(by settings and by a changed raw file)."""
 import os
 import signal
 import subprocess
@@ -175,6 +176,27 @@ def test_changed_config_discards_old_shards(tmp_path, shared, done, monkeypatch)
     src = np.array(rows["000000"]["source_landmarks"])
     x, y, w, h = rows["000000"]["face_box"]
     np.testing.assert_allclose([x, y], src.min(0) - 20, atol=1e-3)
+
+
+def test_replaced_raw_image_is_annotated_again(tmp_path, shared, done, monkeypatch):
+    """A raw file replaced after a run (same name, other bytes) remakes its shard, and only that one."""
+    import shutil
+
+    project = make_project(tmp_path / "p", shared)
+    raw = project / annotate.RAW_DIR
+    raw.unlink()
+    shutil.copytree(shared["raw"], raw)  # a private copy: this test changes it
+    (raw / "000001.png").write_bytes((raw / "000002.png").read_bytes())
+    out = out_dir(project)
+    out.parent.mkdir(parents=True)
+    shutil.copytree(out_dir(done), out)
+    monkeypatch.chdir(project)
+    summary = annotate.main([])
+    assert summary["this_run"]["items_processed"] == 2 and summary["this_run"]["shards_reused"] == 3  # shard 0
+    before = {r["id"]: r for r in read_shards(out_dir(done)).to_pylist()}
+    after = {r["id"]: r for r in read_shards(out).to_pylist()}
+    assert after["000001"]["ok"] and after["000001"]["landmarks"] != before["000001"]["landmarks"]
+    assert {i: r for i, r in after.items() if i != "000001"} == {i: r for i, r in before.items() if i != "000001"}
 
 
 def test_bad_precision_names_the_key(tmp_path, shared, monkeypatch):

@@ -145,6 +145,21 @@ def test_stage_none_needs_no_model(tmp_path: Path, standin_dir: Path, monkeypatc
     assert pq.read_schema(tmp_path / "data/interim/facesynthetics/captions/shard-00000.parquet").field("text").type == "string"
 
 
+def test_fixed_raw_image_is_captioned_again(tmp_path: Path, standin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A corrupt raw image replaced by a good one is no longer a failure on rerun; a touched one is reused."""
+    from stages import caption
+
+    _stage_tree(tmp_path, standin_dir, method="none")
+    monkeypatch.chdir(tmp_path)
+    caption.main([])
+    raw = tmp_path / "data/raw/facesynthetics"
+    os.utime(raw / "000000.png")  # same bytes, new mtime
+    (raw / "000004.png").write_bytes((raw / "000003.png").read_bytes())
+    summary = caption.main([])
+    assert summary["this_run"]["items_processed"] == 1 and summary["this_run"]["shards_reused"] == 2
+    assert summary["counts"] == {"rows": 5, "ok": 5, "failed": 0, "failed_by_reason": {}}
+
+
 def test_bad_method_names_the_key(tmp_path: Path, standin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stages import caption
 

@@ -9,7 +9,7 @@ from conftest import committed_params, write_committed_params
 
 from pipelines.model_store import make_standin
 from pipelines.reports import provenance_path, read_json
-from pipelines.shards import SUMMARY, read_shards
+from pipelines.shards import SUMMARY, read_shards, state_dir
 from pipelines.sources.sample_faces import write_sample
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,8 @@ def test_two_processes_split_the_shards(tmp_path: Path, repo_root: Path) -> None
     out = tmp_path / "data/interim/facesynthetics/captions"
     table = read_shards(out)
     assert table.column("id").to_pylist() == [f"{i:06d}" for i in range(12)]  # 2 shards of 8 and 4 rows, no duplicate
+    # each process recorded the inputs of the shard it made (only the main one took the output's lock)
+    assert all((state_dir(out) / f"shard-{k:05d}.stats.json").is_file() for k in (0, 1))
     summary = read_json(out / SUMMARY)
     assert summary["counts"]["rows"] == 12 and summary["counts"]["ok"] == 10
     # the main process did shard 0 (8 items); process 1 did shard 1 (4 items)

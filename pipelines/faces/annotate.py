@@ -5,6 +5,7 @@ Used by the annotate stage and by the benchmark, so both measure the same work.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +48,11 @@ def load_face(sample: FaceSample, image_size: int, box_margin: float, min_box_in
         return Failure(BOX_OFF_IMAGE, f"{inside:.2f} of the box inside the image (< {min_box_inside})")
     crop, crop_box = crop_face(image, box)
     return {"crop": crop, "crop_box": crop_box, "face_box": box, "source_landmarks": source}
+
+
+def face_inputs(sample: FaceSample) -> list[Path]:
+    """The files :func:`load_face` reads: a change in one makes the sample's shard again."""
+    return [sample.image_path, sample.landmarks_path]
 
 
 def spiga_batch_fn(annotator: SpigaAnnotator) -> Callable[[list[dict]], list[dict | Failure]]:
