@@ -78,12 +78,15 @@ class BlipCaptioner:
     def load(cls, model_dir: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> BlipCaptioner:
         """Load a saved ``BlipForConditionalGeneration`` + ``BlipProcessor`` from ``model_dir`` (no download).
 
-        Weights are fp16/bf16 on CUDA when ``precision`` asks for it, fp32 otherwise.
+        Weights are in the ``precision`` asked for (fp32, fp16, bf16), so the precision a report records is the
+        one computed in; fp16 on the CPU is refused (``ValueError``): torch runs it slowly or not at all there.
         """
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         device = torch.device(device)
-        dtype = _HALF.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+        if precision == "fp16" and device.type == "cpu":
+            raise ValueError("BLIP in fp16 on the CPU: use fp32 or bf16")
+        dtype = _HALF.get(precision, torch.float32)
         processor = BlipProcessor.from_pretrained(str(model_dir))
         model = BlipForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype)
         model.eval().to(device)

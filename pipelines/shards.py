@@ -437,7 +437,7 @@ def write_summary(out_dir: str | Path, result: MapResult, *, model: dict | None,
     """
     summary = {
         "model": model,
-        "uses_standin_model": bool(model and model.get("standin")),
+        "uses_standin_models": bool(model and model.get("standin")),
         "runtime": runtime,
         "config": config,
         "counts": count_rows(out_dir),
@@ -455,7 +455,7 @@ def write_summary(out_dir: str | Path, result: MapResult, *, model: dict | None,
                 "num_shards": result.num_shards, "failed": int(sum(result.failures.values()))}
     if run_report is not None:
         write_report(run_report, {"throughput": throughput, "this_run": this_run,
-                                  "uses_standin_models": summary["uses_standin_model"]},
+                                  "uses_standin_models": summary["uses_standin_models"]},
                      {"output": Path(out_dir).as_posix(), "model": model, "runtime": runtime,
                       "throughput_scope": "main process" if num_processes > 1 else "all processes",
                       "failures_this_run": dict(sorted(result.failures.items()))})

@@ -100,10 +100,10 @@ def test_shards_and_summary(done, shared):
     for reason in [*shared["broken"].values(), BOX_OFF_IMAGE]:
         expected_failed[reason] = expected_failed.get(reason, 0) + 1
     assert summary["counts"] == {"rows": 8, "ok": NUM_FACES, "failed": 5, "failed_by_reason": expected_failed}
-    assert summary["model"]["standin"] is True and summary["uses_standin_model"] is True
+    assert summary["model"]["standin"] is True and summary["uses_standin_models"] is True
     assert summary["model"]["id"] == WEIGHTS_FILE
     assert summary["runtime"]["device"] == "cpu" and summary["runtime"]["precision"] == "fp32"
-    assert set(summary) == {"model", "uses_standin_model", "runtime", "config", "counts"}  # data: no timings
+    assert set(summary) == {"model", "uses_standin_models", "runtime", "config", "counts"}  # data: no timings
     run = read_json(done / annotate.RUN_REPORT)  # this run's figures: a metrics file, beside its provenance
     assert run["this_run"] == {"items_processed": 8, "shards_reused": 0, "num_shards": 4, "failed": 5}
     assert run["throughput"]["items_per_second"] > 0 and run["throughput"]["items"] == 8

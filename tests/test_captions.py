@@ -64,6 +64,16 @@ def test_preprocess_shape(captioner: BlipCaptioner) -> None:
     np.testing.assert_allclose(black[:, 0, 0], -mean / std, rtol=1e-5)
 
 
+def test_precision_recorded_is_the_precision_computed(standin_dir: Path) -> None:
+    """bf16 on the CPU computes in bf16 (it used to compute fp32 and record bf16); fp16 there is refused."""
+    bf16 = BlipCaptioner.load(standin_dir, "cpu", "bf16")
+    assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
+    image = np.full((64, 64, 3), 128, np.uint8)
+    assert isinstance(bf16.caption(torch.from_numpy(bf16.preprocess(image))[None])[0], str)
+    with pytest.raises(ValueError, match="fp16 on the CPU"):
+        BlipCaptioner.load(standin_dir, "cpu", "fp16")
+
+
 def test_batched_equals_one_at_a_time(captioner: BlipCaptioner) -> None:
     images = _images(3)
     pv = torch.from_numpy(np.stack([captioner.preprocess(im) for im in images]))
@@ -117,7 +127,7 @@ def test_stage_blip(tmp_path: Path, standin_dir: Path, captioner: BlipCaptioner,
     assert [r["text"] for r in rows[:4]] == expected
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == {"rows": 5, "ok": 4, "failed": 1, "failed_by_reason": {"corrupt_image": 1}}
-    assert summary["model"]["id"] == "standin/blip-tiny" and summary["uses_standin_model"] is True
+    assert summary["model"]["id"] == "standin/blip-tiny" and summary["uses_standin_models"] is True
     assert summary["runtime"]["device"] == "cpu" and summary["runtime"]["precision"] == "fp32"
     assert "this_run" not in summary and "throughput" not in summary  # data: no run-dependent figures
     run = json.loads((tmp_path / caption.RUN_REPORT).read_text())  # those are in the run's metrics file
@@ -140,7 +150,7 @@ def test_stage_none_needs_no_model(tmp_path: Path, standin_dir: Path, monkeypatc
     summary = caption.main([])
     rows = read_shards(tmp_path / "data/interim/facesynthetics/captions").to_pylist()
     assert [r["text"] for r in rows] == [""] * 4 + [None]
-    assert summary["model"] is None and summary["uses_standin_model"] is False
+    assert summary["model"] is None and summary["uses_standin_models"] is False
     assert summary["counts"] == {"rows": 5, "ok": 4, "failed": 1, "failed_by_reason": {"corrupt_image": 1}}
     assert pq.read_schema(tmp_path / "data/interim/facesynthetics/captions/shard-00000.parquet").field("text").type == "string"
 
