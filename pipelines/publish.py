@@ -39,9 +39,9 @@ import datasets
 import pyarrow.parquet as pq
 import yaml
 
+from pipelines.digests import sha256_file
 from pipelines.errors import PipelineError
 from pipelines.hfdata import CARD, DATA_DIR, read_card_metadata
-from pipelines.model_store import sha256_file
 
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_.]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")

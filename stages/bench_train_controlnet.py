@@ -27,7 +27,7 @@ from pipelines.errors import PipelineError
 from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.training.bench import BASELINE, config_name, run_matrix
 from stages.config import ParamError, cli, load, positive, read_params, run
-from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
+from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig, training_device
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "bench_train_controlnet", "train_controlnet", PROMPTS_KEY)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = read_params(args.params, PARAMS)
     base, cfg = load(BenchTrainConfig, "bench_train_controlnet", params, args.profile)
     _, train = load(TrainControlNetConfig, "train_controlnet", params, args.profile)
-    on_cpu = trains_on_cpu(base.device, "bench_train_controlnet")
+    on_cpu = training_device(base.device, "bench_train_controlnet").type == "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PipelineError("bench_train_controlnet measures one process per configuration: start it with python, "
                             "not accelerate launch or torchrun")
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
     sd_info = read_model_manifest(sd_dir)
     if not (DATASET_DIR / "data").is_dir():
         raise FileNotFoundError(f"{DATASET_DIR} holds no dataset (no data/ folder): run the assemble stage first")
-    cpu = base.device == "cpu"
     notes = [STANDIN_WARNING] if sd_info.standin else []
     precisions = list(cfg.mixed_precision)
     if on_cpu:
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train_controlnet_") as tmp:
         measured = run_matrix(settings, sd_dir, DATASET_DIR, tmp, mixed_precision=precisions,
                               gradient_checkpointing=cfg.gradient_checkpointing, warmup_steps=cfg.warmup_steps,
-                              timed_steps=cfg.timed_steps, cpu=cpu)
+                              timed_steps=cfg.timed_steps, cpu=on_cpu)
     done = [r for r in measured["configs"].values() if "error" not in r]
     device = done[0]["device"] if done else ("cpu" if on_cpu else "cuda")
     gpu_names = [r["device_name"] for r in done if "device_name" in r]

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from pipelines.model_store import sha256_file
+from pipelines.digests import sha256_file
 from pipelines.publish import PublishError, StagedFile, check_repo_id, format_tree, publish
 from pipelines.reports import read_report, write_json
 from stages import config as C

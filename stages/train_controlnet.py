@@ -25,7 +25,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from pipelines.model_store import tree_digest
+from pipelines.digests import tree_digest
 from pipelines.reports import (
     ModelInfo,
     provenance,
@@ -36,8 +36,13 @@ from pipelines.reports import (
 )
 from pipelines.standins import STANDIN_NOTE
 from pipelines.training.controlnet import train_controlnet
-from stages.config import ParamError, cli, load, read_params, run
-from stages.schemas.train_controlnet import OVERFIT_EPOCHS, PROMPTS_KEY, TrainControlNetConfig, trains_on_cpu
+from stages.config import cli, load, read_params, run
+from stages.schemas.train_controlnet import (
+    OVERFIT_EPOCHS,
+    PROMPTS_KEY,
+    TrainControlNetConfig,
+    training_device,
+)
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "train_controlnet", PROMPTS_KEY)
@@ -61,18 +66,16 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = cli(__doc__, argv)
     params = read_params(args.params, PARAMS)
-    base, cfg = load(TrainControlNetConfig, "train_controlnet", params, args.profile)
+    base, cfg = load(TrainControlNetConfig, "train_controlnet", params, args.profile)  # fp16 on the CPU refused
+    device = training_device(base.device, "train_controlnet")
     sd_dir = Path(cfg.pretrained_model)
     sd_info = read_model_manifest(sd_dir)
     if not (DATASET_DIR / "data").is_dir():
         raise FileNotFoundError(f"{DATASET_DIR} holds no dataset (no data/ folder): run the assemble stage first")
-    if cfg.mixed_precision == "fp16" and trains_on_cpu(base.device, "train_controlnet"):
-        raise ParamError("train_controlnet.mixed_precision: fp16 needs a CUDA GPU (accelerate autocasts no fp16 on the "
-                         "CPU, and the half frozen parts would meet the fp32 ControlNet); use bf16 or no on the CPU")
     settings = cfg.settings(base.seed)
     note = f"STAND-IN base model ({STANDIN_NOTE})." if sd_info.standin else ""
     summary = train_controlnet(settings, sd_dir, DATASET_DIR, OUTPUT_DIR, CHECKPOINTS_DIR, LOG_DIR,
-                               cpu=base.device == "cpu", identity={"base_model_revision": sd_info.revision},
+                               cpu=device.type == "cpu", identity={"base_model_revision": sd_info.revision},
                                card={"base_model": sd_info.id, "dataset": "facesynthetics_spiga",
                                      "standin": sd_info.standin, "note": f"{note} {EVALUATION_NOTE}".strip()})
     if not summary.get("finished") or not (OUTPUT_DIR / "config.json").is_file():

@@ -5,8 +5,9 @@ import pytest
 from conftest import committed_params, write_committed_params
 
 from pipelines.captions import BlipCaptioner
+from pipelines.digests import tree_digest
 from pipelines.faces.spiga import SpigaAnnotator
-from pipelines.model_store import fetch_hub_snapshot, make_standin, tree_digest
+from pipelines.model_store import fetch_hub_snapshot, make_standin
 from pipelines.reports import read_model_manifest
 from pipelines.sources.downloads import DownloadError
 

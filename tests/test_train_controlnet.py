@@ -262,6 +262,105 @@ def test_a_changed_recipe_is_not_resumed(assets, tmp_path, caplog):
     assert "another recipe (learning_rate differ)" in caplog.text
 
 
+def test_a_changed_dataset_is_not_resumed(assets, tmp_path, caplog):
+    """The data is part of a checkpoint's identity: another split of the rows (assemble.validation_count) or
+    other rows discard the old checkpoints, and the run trains its steps again."""
+    sd, _, cache = assets
+    ds, s = tmp_path / "ds", settings(max_train_steps=2, checkpointing_steps=2)
+
+    def run():
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return T.train_controlnet(s, sd, ds, tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs", cpu=True,
+                                  cache_dir=cache)
+
+    write_dataset(ds)
+    digest = T.dataset_digest(ds)
+    assert run()["steps_this_run"] == 2
+    assert run()["steps_this_run"] == 0  # the same data: resumed at its target
+    write_dataset(ds)  # the same rows written again: the same identity (it is the bytes, not the mtimes)
+    assert T.dataset_digest(ds) == digest
+    write_dataset(ds, n_train=3, n_val=3)  # one training row fewer (a larger validation_count)
+    assert T.dataset_digest(ds) != digest
+    summary = run()
+    assert summary["resumed_from"] is None and summary["steps_this_run"] == 2 and summary["train_rows"] == 3
+    assert "another recipe (dataset differ)" in caplog.text
+
+
+@pytest.mark.parametrize("checkpointing_steps", [2, 4])
+def test_a_shorter_rerun_never_goes_past_its_target(assets, tmp_path, checkpointing_steps):
+    """max_train_steps 4 then 2: the 2-step model is shipped, equal to a fresh 2-step run's, and its card and
+    summary say 2 steps; checkpoints past the target are removed (with one at step 2 it is resumed, without
+    one training starts over)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    s = dict(checkpointing_steps=checkpointing_steps, validation_steps=2)
+    fresh = train(assets, tmp_path / "fresh", settings(max_train_steps=2, **s))
+    reset()
+    train(assets, tmp_path / "run", settings(max_train_steps=4, **s))
+    assert "Optimizer steps: **4**" in (tmp_path / "run/out/README.md").read_text()
+    (tmp_path / "run/out/stale.bin").write_bytes(b"of the 4-step run")
+    reset()
+    short = train(assets, tmp_path / "run", settings(max_train_steps=2, **s))
+    assert short["global_step"] == short["steps"] == 2 and short["finished"]
+    if checkpointing_steps == 2:
+        assert short["resumed_from"].endswith("checkpoint-2") and short["steps_this_run"] == 0
+    else:
+        assert short["resumed_from"] is None and short["steps_this_run"] == 2
+    assert [step for step, _ in T.list_checkpoints(tmp_path / "run/ckpt")] == ([2] if checkpointing_steps == 2 else [])
+    card = (tmp_path / "run/out/README.md").read_text()
+    assert "Optimizer steps: **2**" in card and "| `max_train_steps` | `2` |" in card
+    assert not (tmp_path / "run/out/stale.bin").exists() and not (tmp_path / "run/.out.partial").exists()
+    wf, ws = weights(tmp_path / "fresh/out"), weights(tmp_path / "run/out")
+    assert wf.keys() == ws.keys() and all(torch.equal(wf[k], ws[k]) for k in wf)
+    assert short["final_loss"] == pytest.approx(fresh["final_loss"], rel=1e-6)  # from the log when resumed
+    logs = tmp_path / "run/logs"
+    assert [step for step, _ in T.read_tsv(logs / "plots/metrics/train/loss.tsv")] == [1, 2]
+    assert read_json(logs / "metrics.json")["step"] == 2
+    images = logs / "plots/images/validation"
+    assert sorted(p.name for p in images.iterdir()) == ["latest.png", "step-2.png"]
+    assert (images / "latest.png").read_bytes() == (images / "step-2.png").read_bytes()
+
+
+def test_a_diverging_run_stops_and_writes_no_model(assets, tmp_path):
+    """A learning rate that blows the weights up: a clear error at the first non-finite loss, no final model,
+    no checkpoint past the last finite step."""
+    with pytest.raises(T.NonFiniteTraining, match=r"the loss is (nan|inf) at step 2; no model was written: "
+                                                  r"lower train_controlnet\.learning_rate"):
+        train(assets, tmp_path, settings(learning_rate=1e30, checkpointing_steps=1, resolution=32, num_validation_images=0))
+    assert not (tmp_path / "out").exists() and [s for s, _ in T.list_checkpoints(tmp_path / "ckpt")] == [1]
+    assert [step for step, _ in T.read_tsv(tmp_path / "logs/plots/metrics/train/loss.tsv")] == [1]
+
+
+def test_non_finite_gradients_stop_the_run(assets, tmp_path, monkeypatch):
+    """A finite loss with NaN gradients (d sqrt(x)/dx at 0, times 0) stops before the optimizer step."""
+    real = T.training_loss
+
+    def nan_grads(c, controlnet, *args, **kw):
+        p = next(controlnet.parameters())
+        return real(c, controlnet, *args, **kw) + 0 * torch.sqrt(p - p).sum()
+
+    monkeypatch.setattr(T, "training_loss", nan_grads)
+    with pytest.raises(T.NonFiniteTraining, match=r"the gradient norm is nan at step 1 \(loss [0-9.]+\)"):
+        train(assets, tmp_path, settings(max_train_steps=2, checkpointing_steps=1, resolution=32, num_validation_images=0))
+    assert not (tmp_path / "out").exists() and T.list_checkpoints(tmp_path / "ckpt") == []
+
+
+def test_check_finite_names_the_weight():
+    layer = torch.nn.Linear(2, 2)
+    T.check_finite(layer, 3)
+    with torch.no_grad():
+        layer.bias[1] = float("inf")
+    with pytest.raises(T.NonFiniteTraining, match=r"weight bias is not finite after step 3"):
+        T.check_finite(layer, 3)
+
+
 def test_saved_model_loads_and_generates(assets, tmp_path):
     from diffusers import ControlNetModel
 
@@ -355,7 +454,9 @@ def test_params_profiles_and_errors(workdir):
     _, params = workdir
     base, sample = load(S.TrainControlNetConfig, "train_controlnet", params, "sample")
     assert sample.resolution == 64 and sample.max_train_steps == 4 and sample.mixed_precision == "fp32"
-    _, real = load(S.TrainControlNetConfig, "train_controlnet", params, "real")
+    # the real profile trains in fp16, refused on a CPU-only machine: base.device left out (its check is below)
+    no_device = {**params, "base": {k: v for k, v in params["base"].items() if k != "device"}}
+    _, real = load(S.TrainControlNetConfig, "train_controlnet", no_device, "real")
     assert (real.resolution, real.learning_rate, real.train_batch_size, real.max_train_steps) == (512, 1e-5, 4, 25000)
     assert real.checkpointing_steps == real.validation_steps == 5000
     assert real.settings(base.seed).seed == base.seed and real.settings(0).lr_scheduler == "constant"
@@ -383,6 +484,70 @@ def test_fp16_on_the_cpu_is_refused_before_training(workdir):
     root, params = workdir
     params["train_controlnet"]["mixed_precision"] = "fp16"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamError, match=r"train_controlnet\.mixed_precision: fp16 needs a CUDA GPU"):
+    with pytest.raises(ParamError, match=r"train_controlnet\.mixed_precision: fp16 needs a GPU"):
         S.main([])
     assert not (root / S.CHECKPOINTS_DIR).exists()
+
+
+@pytest.fixture
+def captured(workdir, monkeypatch):
+    """The stage up to the training call: the keyword arguments it trains with (or None when refused)."""
+    seen = {}
+
+    def fake(*args, **kw):
+        seen.update(kw)
+        return {"finished": False}
+
+    monkeypatch.setattr(S, "train_controlnet", fake)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return seen
+
+
+def set_device(workdir, device):
+    root, params = workdir
+    params["base"]["device"] = device
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def fake_gpus(monkeypatch, n):
+    """Pretend torch sees ``n`` CUDA devices; returns the list torch.cuda.set_device calls land in."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    return calls
+
+
+def test_the_loop_trains_on_the_device_asked_for(workdir, captured, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cpu", "auto"):  # auto without a GPU: the CPU, and accelerate is told so
+        set_device(workdir, device)
+        fake_gpus(monkeypatch, 0)
+        S.main([])
+        assert captured.pop("cpu") is True
+    set_device(workdir, "cuda:1")  # one process: cuda:1 becomes the current GPU, accelerate's "cuda"
+    calls = fake_gpus(monkeypatch, 2)
+    S.main([])
+    assert captured.pop("cpu") is False and calls == [torch.device("cuda", 1)]
+    set_device(workdir, "auto")  # auto with a GPU: accelerate's device, no GPU picked here
+    calls = fake_gpus(monkeypatch, 2)
+    S.main([])
+    assert captured.pop("cpu") is False and calls == []
+
+
+@pytest.mark.parametrize("device, gpus, world, message", [
+    ("tpu", 0, 1, r"base\.device: device 'tpu' is not one of"),
+    ("cuda:7", 0, 1, r"base\.device: device 'cuda:7' was asked for but torch sees no CUDA"),
+    ("cuda:7", 1, 1, r"base\.device: device 'cuda:7' was asked for but torch sees 1 CUDA device"),
+    ("mps", 0, 1, r"base\.device: 'mps' is mps here; train_controlnet trains on cpu or cuda"),
+    ("cuda:1", 2, 2, r"base\.device: 'cuda:1' names one GPU, but train_controlnet was launched as several"),
+])
+def test_a_device_the_loop_cannot_use_is_refused_first(workdir, captured, monkeypatch, device, gpus, world, message):
+    root, _ = workdir
+    set_device(workdir, device)
+    calls = fake_gpus(monkeypatch, gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: device == "mps")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ParamError, match=message):
+        S.main([])
+    assert captured == {} and calls == [] and not (root / S.CHECKPOINTS_DIR).exists()

@@ -64,3 +64,15 @@ def test_two_processes_train_and_resume(tmp_path: Path, repo_root: Path) -> None
     assert [step for step, _ in T.read_tsv(run / "logs/plots/metrics/train/loss.tsv")] == [1, 2, 3, 4, 5, 6]
     assert [step for step, _ in T.list_checkpoints(run / "ckpt")] == [4, 6]
     assert state_digest(ControlNetModel.from_pretrained(str(run / "out"))) == digests[0]
+
+
+def test_two_processes_stop_together_on_a_non_finite_loss(tmp_path: Path, repo_root: Path) -> None:
+    """The loss every rank checks is the reduced one: both raise at the same step (no rank left waiting in a
+    collective), and nothing is saved."""
+    make_standin("sd_base", tmp_path / "sd")
+    write_dataset(tmp_path / "ds")
+    (tmp_path / "run").mkdir()
+    proc = torchrun(repo_root, tmp_path, learning_rate=1e30, checkpointing_steps=1)
+    assert proc.returncode != 0
+    assert proc.stderr.count("NonFiniteTraining: train_controlnet: the loss is") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "run/out").exists() and [s for s, _ in T.list_checkpoints(tmp_path / "run/ckpt")] == [1]

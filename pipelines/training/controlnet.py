@@ -14,7 +14,11 @@ rewritten as a library function so that every choice is a parameter and the run 
   text encoder are cast to fp16/bf16 under mixed precision.
 * **Checkpoints** (``accelerator.save_state``) every ``checkpointing_steps`` into
   ``<checkpoints_dir>/checkpoint-<step>``, at most ``checkpoints_total_limit`` kept (oldest removed); the
-  next call resumes from the newest complete one automatically.
+  next call resumes from the newest complete one automatically, if it was made by the same recipe on the
+  same data (:func:`recipe_fingerprint` + :func:`dataset_digest`) and not past ``max_train_steps``.
+* **Divergence**: a non-finite loss (or gradient norm, outside fp16's loss scaling) stops the run with
+  :class:`NonFiniteTraining`; weights are checked finite before every save, so no NaN model or checkpoint
+  is written.
 * **Logs** in the DVCLive layout, written here (dvclive itself is not needed): ``<log_dir>/metrics.json``,
   ``<log_dir>/plots/metrics/train/{loss,lr}.tsv`` (``step`` + value columns, one row per optimizer step)
   and validation grids ``<log_dir>/plots/images/validation/step-<k>.png`` + ``latest.png``.
@@ -42,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.digests import tree_digest
+from pipelines.errors import PipelineError
 from pipelines.generation import generate_images, load_conditions, make_scheduler, sample_grid, seed_for
 from pipelines.runtime import seed_everything
 
@@ -55,6 +61,11 @@ GRID_CELL_MAX = 256
 #: diffusers' default ControlNet condition embedding (SD: VAE downscale 8 = three stride-2 convolutions)
 DEFAULT_CONDITIONING_CHANNELS = (16, 32, 96, 256)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DIVERGED_HINT = "lower train_controlnet.learning_rate, or use train_controlnet.mixed_precision fp32"
+
+
+class NonFiniteTraining(PipelineError):
+    """The loss, the gradients or the weights became NaN or infinite: the run stopped and wrote no model."""
 
 
 @dataclass(frozen=True)
@@ -328,6 +339,14 @@ _RECIPE_KEYS = ("resolution", "learning_rate", "train_batch_size", "gradient_acc
                 "adam_weight_decay", "adam_epsilon", "max_grad_norm")
 
 
+def dataset_digest(dataset_dir: str | Path) -> str:
+    """The training data's identity: :func:`~pipelines.digests.tree_digest` of the dataset folder (every
+    file's relative path and bytes: each split's parquet shards and the card), so other rows, another
+    train/validation split or re-encoded images give another digest. It reads the whole folder once (the 100K
+    set, some 40 GB: tens of seconds, against hours of training)."""
+    return tree_digest(dataset_dir)
+
+
 def recipe_fingerprint(s: TrainSettings, num_processes: int = 1, extra: dict | None = None) -> dict:
     """What a checkpoint must match to be resumed: the recipe, the process count, the schedule length when
     the lr schedule depends on it, and ``extra`` (e.g. the base model's revision)."""
@@ -463,6 +482,22 @@ def _sync(accelerator: Any) -> None:
     accelerator.wait_for_everyone()
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the GPU it stands for (the current one), so reports name it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_finite(model: torch.nn.Module, step: int) -> None:
+    """Raise :class:`NonFiniteTraining` when a parameter of ``model`` holds a NaN or an infinity (checked
+    before every checkpoint and the final save, so none holds such weights)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteTraining(f"train_controlnet: the ControlNet weight {name} is not finite after step {step}; "
+                                    f"no model was written: {DIVERGED_HINT}")
+
+
 def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, dataset_dir: str | Path,
                      output_dir: str | Path, checkpoints_dir: str | Path, log_dir: str | Path, *,
                      controlnet_dir: str | Path | None = None, cpu: bool = False,
@@ -471,12 +506,17 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
                      on_step: Callable[[int, Any], None] | None = None) -> dict:
     """Train (or resume) a ControlNet; returns a summary dict.
 
-    Resumes from the newest complete checkpoint under ``checkpoints_dir`` when there is one. With
-    ``stop_after`` the run stops after that optimizer step (as if interrupted: no final save), which the
-    tests use. ``card`` (``base_model``, ``dataset``, ``standin``, ``note``) fills the model card.
-    A checkpoint whose :func:`recipe_fingerprint` (with ``identity``, e.g. the base model's revision)
-    differs from this run's is not resumed: all checkpoints are discarded (with a warning) and training
-    starts from scratch, as the sharded stages discard shards made with other settings.
+    Resumes from the newest complete checkpoint under ``checkpoints_dir`` at or before ``max_train_steps``;
+    checkpoints past it (a longer earlier run) are removed, so a run never continues past its target and the
+    model it saves is the one of ``max_train_steps`` steps. With ``stop_after`` the run stops after that
+    optimizer step (as if interrupted: no final save), which the tests use. ``card`` (``base_model``,
+    ``dataset``, ``standin``, ``note``) fills the model card. A checkpoint whose :func:`recipe_fingerprint`
+    (with ``identity``, e.g. the base model's revision, and the :func:`dataset_digest` of ``dataset_dir``)
+    differs from this run's is not resumed: it is discarded (with a warning), as the sharded stages discard
+    shards made with other settings. ``cpu``: train on the CPU (``Accelerator(cpu=True)``); else on
+    accelerate's device (in one process the current CUDA device, see ``torch.cuda.set_device``). A loss or
+    gradient norm that becomes non-finite raises :class:`NonFiniteTraining` (no model is written then).
+    The final model replaces ``output_dir`` whole (written beside it, then renamed).
     ``on_step(global_step, controlnet)`` is called on every process after each optimizer step (after that
     step's logging, checkpoint and validation) with the unwrapped ControlNet; a benchmark times steps with it.
     """
@@ -518,31 +558,56 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
     empty_ids = tokenize(c.tokenizer, [""])[0]
 
     metrics = MetricsLog(log_dir) if accelerator.is_main_process else None
-    global_step, resumed_from = 0, None
+    end = s.max_train_steps if stop_after is None else min(stop_after, s.max_train_steps)
+    global_step, resumed_from, fingerprint = 0, None, None
     ckpts = list_checkpoints(checkpoints_dir)
-    fingerprint = json.loads(json.dumps(recipe_fingerprint(s, world, identity)))
-    if ckpts:
-        saved = json.loads((ckpts[-1][1] / STEP_FILE).read_text()).get("recipe")
-        if saved != fingerprint:  # another recipe or base model: its checkpoints are discarded, never mixed
-            diff = sorted(k for k in {*(saved or {}), *fingerprint} if (saved or {}).get(k) != fingerprint.get(k))
-            log.warning("%s: checkpoints were made with another recipe (%s differ); training from scratch",
-                        checkpoints_dir, ", ".join(diff))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                for _, old in ckpts:
-                    shutil.rmtree(old)
-            accelerator.wait_for_everyone()
-            ckpts = []
+    if ckpts or s.checkpointing_steps <= end:  # hashing the data is only needed to resume or to checkpoint
+        data_id = [dataset_digest(dataset_dir) if accelerator.is_main_process else None]
+        if world > 1:  # one process reads the data; all get its digest
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(data_id)
+        fingerprint = json.loads(json.dumps(recipe_fingerprint(s, world, {**(identity or {}), "dataset": data_id[0]})))
+    stale, past, differ = [], [], set()
+    for step, path in ckpts:
+        saved = json.loads((path / STEP_FILE).read_text()).get("recipe") or {}
+        if saved != fingerprint:  # another recipe, base model or dataset: discarded, never mixed
+            stale.append(path)
+            differ |= {k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k)}
+        elif step > s.max_train_steps:  # made by a longer run: resuming it would go past the target
+            past.append(path)
+    if stale:
+        log.warning("%s: checkpoints were made with another recipe (%s differ); they are discarded", checkpoints_dir,
+                    ", ".join(sorted(differ)))
+    if past:
+        log.info("%s: checkpoints past max_train_steps %d are removed: %s", checkpoints_dir, s.max_train_steps,
+                 ", ".join(p.name for p in past))
+    if stale or past:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for p in stale + past:
+                shutil.rmtree(p)
+        accelerator.wait_for_everyone()
+        ckpts = [(step, p) for step, p in ckpts if p not in stale + past]
     if ckpts:
         global_step, path = ckpts[-1]
         accelerator.load_state(str(path))
         resumed_from = str(path)
         log.info("resumed from %s (step %d)", path, global_step)
-    if metrics is not None:  # forget what a previous (interrupted or older) run logged after this step
+    images_dir = log_dir / IMAGES_DIR
+    last = {"loss": float("nan"), "lr": lr_scheduler.get_last_lr()[0]}
+    if metrics is not None:  # forget what a previous (interrupted or longer) run logged after this step
         metrics.truncate(global_step)
-        for png in (log_dir / IMAGES_DIR).glob("step-*.png"):
-            if int(png.stem.split("-")[1]) > global_step:
-                png.unlink()
+        if metrics.tsv("loss").is_file() and (rows := read_tsv(metrics.tsv("loss"))) and rows[-1][0] == global_step:
+            last["loss"] = rows[-1][1]  # the resumed step's loss, for a run that resumes at its target
+        grids = {int(png.stem.split("-")[1]): png for png in images_dir.glob("step-*.png")}
+        for step in [k for k in grids if k > global_step]:
+            grids.pop(step).unlink()
+        latest = images_dir / "latest.png"
+        if latest.is_file():  # the newest grid left, not a later step's
+            latest.unlink()
+            if grids:
+                shutil.copyfile(grids[max(grids)], latest)
 
     val_rows = None
     if accelerator.is_main_process and s.num_validation_images > 0:
@@ -553,7 +618,6 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
             extra = list(s.validation_extra_prompts)  # e.g. "a cat": an overfitting model draws a face anyway
             val_rows = (conditions + conditions[:1] * len(extra), prompts + extra, seeds + seeds[:1] * len(extra),
                         [""] * len(prompts) + extra if extra else None)  # the extra rows are labelled
-    images_dir = log_dir / IMAGES_DIR
 
     def validate(step: int) -> None:
         if val_rows is None:
@@ -570,8 +634,6 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
         num_workers=s.dataloader_num_workers, collate_fn=collate)
     batches = iter(loader)
 
-    last = {"loss": float("nan"), "lr": lr_scheduler.get_last_lr()[0]}
-    end = s.max_train_steps if stop_after is None else min(stop_after, s.max_train_steps)
     start_step, t0 = global_step, time.perf_counter()
     while global_step < end:
         losses = []
@@ -588,18 +650,26 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
                 loss = training_loss(c, controlnet, batch, gen, weight_dtype)
                 accelerator.backward(loss)  # divides by gradient_accumulation_steps itself
             losses.append(loss.detach())
+        # the same value on every process (reduced; the gradients are synchronized): all stop together
+        step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not math.isfinite(step_loss):
+            raise NonFiniteTraining(f"train_controlnet: the loss is {step_loss} at step {global_step + 1}; "
+                                    f"no model was written: {DIVERGED_HINT}")
         if s.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(controlnet.parameters(), s.max_grad_norm)
+            norm = float(accelerator.clip_grad_norm_(controlnet.parameters(), s.max_grad_norm))
+            if not math.isfinite(norm) and s.mixed_precision != "fp16":  # fp16's loss scaler skips such steps
+                raise NonFiniteTraining(f"train_controlnet: the gradient norm is {norm} at step {global_step + 1} "
+                                        f"(loss {step_loss:.6g}); no model was written: {DIVERGED_HINT}")
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
 
-        step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         last = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
         if metrics is not None:
             metrics.log(global_step, last)
         if global_step % s.checkpointing_steps == 0:
+            check_finite(accelerator.unwrap_model(controlnet), global_step)
             ckpt = checkpoints_dir / f"{CHECKPOINT_PREFIX}{global_step}"
             _sync(accelerator)
             accelerator.save_state(str(ckpt))
@@ -613,21 +683,27 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
             on_step(global_step, accelerator.unwrap_model(controlnet))
     seconds = time.perf_counter() - t0
     steps_done = global_step - start_step
+    finished = global_step == s.max_train_steps
+    if finished:
+        check_finite(accelerator.unwrap_model(controlnet), global_step)
     _sync(accelerator)
 
     summary: dict[str, Any] = {
         "global_step": global_step, "steps_this_run": steps_done, "seconds": seconds,
         "steps_per_second": steps_done / seconds if seconds > 0 and steps_done else None,
         "resumed_from": resumed_from, "final_loss": last["loss"], "final_lr": last["lr"],
-        "num_processes": world, "mixed_precision": s.mixed_precision, "device": str(accelerator.device),
+        "num_processes": world, "mixed_precision": s.mixed_precision, "device": str(_indexed(accelerator.device)),
         "train_rows": len(train), "epochs": epochs_seen(global_step, s, world, len(train)),
-        "finished": global_step >= s.max_train_steps,
+        "finished": finished,
         "controlnet_dtype": str(next(accelerator.unwrap_model(controlnet).parameters()).dtype).replace("torch.", ""),
         "frozen_dtype": str(c.unet.dtype).replace("torch.", ""),
     }
-    if accelerator.is_main_process and summary["finished"]:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.unwrap_model(controlnet).to(torch.float32).save_pretrained(output_dir, safe_serialization=True)
+    if accelerator.is_main_process and finished:
+        staging = output_dir.with_name(f".{output_dir.name}.partial")  # a killed run's is replaced here
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        accelerator.unwrap_model(controlnet).to(torch.float32).save_pretrained(staging, safe_serialization=True)
         rows = read_tsv(metrics.tsv("loss")) if metrics is not None and metrics.tsv("loss").is_file() else []
         tail = [v for _, v in rows[-max(1, min(100, len(rows))):]]
         card_metrics = {"steps": global_step, "final_loss": last["loss"],
@@ -635,9 +711,12 @@ def train_controlnet(settings: TrainSettings, pretrained_dir: str | Path, datase
                         "first_loss": rows[0][1] if rows else float("nan")}
         summary.update(card_metrics)
         info = card or {}
-        write_model_card(output_dir, base_model=info.get("base_model", str(pretrained_dir)),
+        write_model_card(staging, base_model=info.get("base_model", str(pretrained_dir)),
                          dataset=info.get("dataset", str(dataset_dir)), settings=s, steps=global_step,
                          metrics=card_metrics, standin=bool(info.get("standin", False)), note=info.get("note", ""))
+        if output_dir.exists():  # an older model (another step count or run): replaced whole, never mixed
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
         if metrics is not None:
             metrics.write_summary(global_step, last, {"mean_loss_last_steps": card_metrics["mean_loss_last_steps"]})
     accelerator.end_training()

@@ -1,6 +1,7 @@
 """The ``train_controlnet`` section: read by train_controlnet and bench_train_controlnet."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
@@ -26,7 +27,7 @@ class TrainControlNetConfig:
     train_batch_size: int  # per process
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
-    mixed_precision: Literal["fp32", "fp16", "bf16"]
+    mixed_precision: C.MixedPrecision
     max_train_steps: int
     checkpointing_steps: int
     checkpoints_total_limit: int | None
@@ -69,9 +70,18 @@ class TrainControlNetConfig:
         return TrainSettings(seed=seed, **fields)
 
 
-def trains_on_cpu(device: str, stage: str) -> bool:
-    """Whether the training loop will run on the CPU for ``base.device`` (``cpu``, or ``auto`` without CUDA);
-    a :class:`ParamError` names ``stage`` for a device accelerate cannot train on."""
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise C.ParamError(f"base.device: {device!r}: {stage} runs on cpu or cuda (via accelerate)")
-    return device == "cpu" or not torch.cuda.is_available()
+def training_device(device: str, stage: str) -> torch.device:
+    """The device ``stage``'s training loop runs on for ``base.device``, resolved by the one resolver
+    (:func:`stages.config.resolved_device`: ``auto`` is the GPU when there is one). A :class:`ParamError` names
+    base.device for a device accelerate does not train on here (mps), or for one GPU (``cuda:N``) when several
+    processes were launched (each takes its own local rank's GPU). In one process an explicit ``cuda:N`` is made
+    the current CUDA device, which is the one accelerate's ``cuda`` then means."""
+    dev = C.resolved_device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise C.ParamError(f"base.device: {device!r} is {dev.type} here; {stage} trains on cpu or cuda (via accelerate)")
+    if ":" in device:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise C.ParamError(f"base.device: {device!r} names one GPU, but {stage} was launched as several processes "
+                               "(each takes its own GPU): use cuda or auto")
+        torch.cuda.set_device(dev)
+    return dev
