@@ -5,6 +5,7 @@ manifest to report which model it used and whether it was real.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from pipelines.digests import is_torchscript, tree_digest
 from pipelines.reports import ModelInfo, write_model_manifest
 from pipelines.standins import STANDIN_NOTE
 from pipelines.standins.registry import build_standin
+
+log = logging.getLogger(__name__)
 
 
 def _fresh(dest: Path) -> Path:
@@ -92,6 +95,9 @@ def fetch_hub_snapshot(role: str, repo_id: str, revision: str, dest: str | Path,
     except Exception as exc:  # offline, unknown repo or revision, gated, no network: say which model
         raise DownloadError(f"{repo_id}@{revision}: cannot resolve the revision on the Hugging Face Hub "
                             f"({type(exc).__name__}: {exc})") from exc
+    if commit != revision:
+        log.warning("%s: revision %r is a branch or tag, resolved to commit %s now (recorded in the manifest); "
+                    "pin that commit in params to freeze it", repo_id, revision, commit)
     local = Path(cache_dir) / "hub" / repo_id.replace("/", "--") / commit
     snapshot_download(repo_id, revision=commit, local_dir=local, allow_patterns=allow_patterns or DEFAULT_HUB_PATTERNS)
     dest = _fresh(Path(dest))
