@@ -14,6 +14,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @pytest.fixture
+def one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch reports one CUDA device: the real profile's machine, for parsing its configs here (the config layer
+    refuses fp16 on a CPU; nothing touches CUDA while parsing)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
 

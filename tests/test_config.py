@@ -41,12 +41,6 @@ COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}
 SECTIONS = sorted({section for _, _, section in STAGES.values()})
 
 
-def pretend_one_gpu(monkeypatch) -> None:
-    """Make torch report one CUDA device (the real profile's machine); nothing touches CUDA in config parsing."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-
-
 def stage_config(stage: str, params: dict, profile: str | None):
     """``(base, config)`` of ``stage`` parsed the way its ``main`` does: from the keys its module declares only."""
     module_name, cls_name, section = {**STAGES, **COMMANDS}[stage]
@@ -151,11 +145,9 @@ def test_every_generated_model_is_made_by_a_stage(repo_root):
 
 @pytest.mark.parametrize("profile", C.PROFILES)
 @pytest.mark.parametrize("stage", sorted(STAGES) + sorted(COMMANDS))
-def test_every_stage_config_is_complete_and_valid(stage, profile, monkeypatch):
+def test_every_stage_config_is_complete_and_valid(stage, profile, one_gpu):
     """The real configuration cannot run here, but it must parse and validate like the sample one, from the
     keys the stage declares (on a machine with one GPU, as the real profile expects: fp16 is refused on a CPU)."""
-    if profile == "real":
-        pretend_one_gpu(monkeypatch)
     base, cfg = stage_config(stage, committed_params(), profile)
     assert base.profile in (profile, None)
     assert cfg is not None
@@ -174,10 +166,9 @@ def test_real_profile_points_at_the_real_sources(repo_root):
     assert models["spiga"]["url"] == MODELS_URL["300wpublic"]
 
 
-def test_real_profile_sections_agree(repo_root, monkeypatch):
+def test_real_profile_sections_agree(repo_root, one_gpu):
     """The real sections fit together: the held-out validation leaves training rows, the recipe makes about
     one epoch of them (the seed: three epochs overfit), and generation has the conditions it asks for."""
-    pretend_one_gpu(monkeypatch)
     from pipelines.sources.facesynthetics import SUBSET_SIZES
     from pipelines.training.controlnet import epochs_seen
     from stages.schemas.train_controlnet import OVERFIT_EPOCHS
@@ -253,8 +244,7 @@ def test_non_positive_image_size_is_refused(value, message):
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:7", "cuda:x", "cpu:1", "auto:0"])
-def test_devices_this_machine_lacks_are_refused_naming_the_key(device, monkeypatch):
-    pretend_one_gpu(monkeypatch)
+def test_devices_this_machine_lacks_are_refused_naming_the_key(device, one_gpu):
     params = yaml.safe_load(yaml.safe_dump(committed_params()))
     params["base"]["device"] = device
     for stage in ("annotate", "train_controlnet", "headpose_photos", "validate_headpose", "generate"):
@@ -262,8 +252,7 @@ def test_devices_this_machine_lacks_are_refused_naming_the_key(device, monkeypat
             stage_config(stage, params, "sample")
 
 
-def test_devices_that_exist_are_accepted(monkeypatch):
-    pretend_one_gpu(monkeypatch)
+def test_devices_that_exist_are_accepted(one_gpu):
     params = yaml.safe_load(yaml.safe_dump(committed_params()))
     for device in ("auto", "cpu", "cuda", "cuda:0"):
         params["base"]["device"] = device
@@ -286,7 +275,8 @@ def test_fp16_on_the_cpu_is_refused_for_every_stage(stage, key, monkeypatch):
             stage_config(stage, params, "sample")
         params[section][field] = "bf16"
         stage_config(stage, params, "sample")
-    pretend_one_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same config on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     params["base"]["device"], params[section][field] = "auto", "fp16"
     stage_config(stage, params, "sample")
 

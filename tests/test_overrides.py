@@ -45,7 +45,7 @@ def test_the_documented_commands_are_found():
 
 
 @pytest.mark.parametrize("where, overrides", documented_overrides(), ids=[w for w, _ in documented_overrides()])
-def test_documented_override_takes_effect(tmp_path, where, overrides):
+def test_documented_override_takes_effect(tmp_path, where, overrides, one_gpu):
     """Each -S changes what the stages reading that key get, in the profile the command runs; every stage's
     config still parses."""
     params = apply(tmp_path, overrides)
@@ -104,7 +104,7 @@ def test_params_hold_no_anchor_and_no_yaml11_boolean_word():
     assert not re.search(rf"""["']({words})["']""", code), "a quoted YAML 1.1 boolean: -S rewrites it unquoted"
 
 
-def test_make_real_switches_every_stage(tmp_path):
+def test_make_real_switches_every_stage(tmp_path, one_gpu):
     """`make real` (the one switch) gives every stage its real configuration."""
     params = apply(tmp_path, ["base.profile=real"])
     for name in {**STAGES, **COMMANDS}:

@@ -262,7 +262,7 @@ def test_longer_training_resumes_from_the_persisted_checkpoint(sample_run):
         ["checkpoint-4", "checkpoint-6"]
 
 
-def test_make_real_stops_at_the_first_download_offline(sample_run):
+def test_make_real_stops_at_the_first_download_offline(sample_run, one_gpu):
     """`make real` (dvc exp run -S base.profile=real) runs as far as it can offline: the first stage that needs the
     network stops with the one-line offline error (exit 2, no traceback), and params.yaml stays valid. Runs last."""
     work, env, _ = sample_run
