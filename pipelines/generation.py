@@ -2,8 +2,10 @@
 
 One loader (:func:`load_controlnet_pipeline`) reads the real snapshots (Stable Diffusion 2.1-base +
 ``multimodalart/uncannyfaces_25K``) and the stand-ins that :mod:`pipelines.standins.stable_diffusion` builds by
-code (the real diffusers/transformers classes at tiny size, random weights): nothing is downloaded. Every image depends only on its own seed
-(:func:`seed_for` of its condition id), so results do not change with the batch size.
+code (the real diffusers/transformers classes at tiny size, random weights): nothing is downloaded. Images come
+from our own denoising loop over the pipeline's parts (:mod:`pipelines.sampling`), not the pipeline's ``__call__``.
+Every image depends only on its own seed (:func:`seed_for` of its condition id), so results do not change with
+the batch size.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from pipelines.sampling import GuidanceTerm, SamplerModels, pil_to_tensor, sample, tensor_to_pil
 
 #: params name -> diffusers scheduler class name (the released demo used UniPC)
 SCHEDULERS: dict[str, str] = {
@@ -145,29 +149,26 @@ def prepare_condition(image: Image.Image, resolution: int) -> Image.Image:
     return image
 
 
-@torch.inference_mode()
 def generate_images(pipe: Any, conditions: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int],
                     resolution: int, num_inference_steps: int, guidance_scale: float,
                     controlnet_conditioning_scale: float = 1.0, negative_prompt: str = "",
-                    generator_device: str = "cpu") -> list[Image.Image]:
-    """One pipeline call for the batch: an image per (condition, prompt, seed), ``resolution`` px.
+                    generator_device: str = "cpu", guidance: Sequence[GuidanceTerm] = ()) -> list[Image.Image]:
+    """A batch through our own loop (:func:`pipelines.sampling.sample`): an image per (condition, prompt, seed),
+    ``resolution`` px, from the parts of ``pipe`` (a ``StableDiffusionControlNetPipeline`` or ``SamplerModels``).
 
     Each image has its own ``torch.Generator(generator_device).manual_seed(seed)``, so it depends on its
     own seed only, not on the batch it is in. The default CPU generators give the same starting noise on
-    every device (diffusers draws on CPU and moves it).
+    every device (drawn on CPU and moved). ``guidance``: optional sampler-side guidance terms.
     """
     n = len(conditions)
     if not (len(prompts) == len(seeds) == n):
         raise ValueError(f"{n} conditions, {len(prompts)} prompts and {len(seeds)} seeds: give one of each per image")
     if n == 0:
         return []
-    generators = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
-    out = pipe(prompt=list(prompts), image=[prepare_condition(c, resolution) for c in conditions],
-               height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-               guidance_scale=guidance_scale, controlnet_conditioning_scale=controlnet_conditioning_scale,
-               negative_prompt=[negative_prompt] * n if guidance_scale > 1 else None,
-               generator=generators, output_type="pil")
-    return list(out.images)
+    images = sample(SamplerModels.from_pipeline(pipe), prompts, seeds, resolution, num_inference_steps,
+                    guidance_scale, pil_to_tensor([prepare_condition(c, resolution) for c in conditions]),
+                    controlnet_conditioning_scale, negative_prompt, guidance, generator_device)
+    return tensor_to_pil(images)
 
 
 def sample_grid(conditions: Sequence[Image.Image], generated: Sequence[Image.Image], n: int, cell: int,

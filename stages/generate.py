@@ -20,7 +20,8 @@ stand-ins in the sample profile, whose images mean nothing). Writes data/generat
   reports/bench/generate_<model>.json (images/s at batch_size vs batch 1, and of the whole run on the main
   process; the summary, a data output, holds no timings) with its .provenance.json.
 
-The seed of each image comes from its condition id and base.seed only, so images do not depend on the
+Images come from our own denoising loop (:func:`pipelines.sampling.sample`, the diffusers pipeline's images at the
+same seeds, tested) over the loaded pipeline's parts. The seed of each image comes from its condition id and base.seed only, so images do not depend on the
 batch size or the process split. The output folder is emptied first: the stage is cheap to rerun per
 model. Several GPUs: `accelerate launch -m stages.generate --model NAME` splits the images.
 """
