@@ -24,7 +24,7 @@ counted under the first rule that removes it:
 **Face boxes** (:func:`face_boxes`): for each non-crowd person with at least ``min_face_keypoints`` face
 keypoints at visibility ``>= face_visibility``: take the min/max box of those keypoints, then a square
 centred on that box's centre with side ``max(face_box_scale * max(box_w, box_h), min_face_size)`` px,
-clipped to the image, as ``(x1, y1, x2, y2)``. Ear to ear spans about a face's width and eye to ear about
+clipped to the image, as ``[x1, y1, x2, y2]`` (:data:`~pipelines.faces.boxes.BOX_CONVENTION`, every dataset's). Ear to ear spans about a face's width and eye to ear about
 half a profile face, so a scale of 1.8 covers forehead to chin on frontal and three-quarter faces.
 """
 from __future__ import annotations
@@ -39,6 +39,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipelines import images
+from pipelines.faces.boxes import BOX_CONVENTION
+from pipelines.hfdata import DatasetSchema, ParquetShardWriter, write_card
 
 PERSON = 1  # COCO category id of "person"
 FACE_KEYPOINTS = 5  # nose, left eye, right eye, left ear, right ear: the first 5 of COCO's 17
@@ -79,14 +81,9 @@ class MalformedAnnotation(ValueError):
     """A person annotation whose segmentation or keypoints cannot be read."""
 
 
-def coco_humans_features() -> datasets.Features:
-    """The columns of the COCO humans dataset.
-
-    ``person_mask`` is a grayscale PNG of the image's size, 255 on the union of the person masks and 0
-    elsewhere; ``face_boxes`` are ``[x1, y1, x2, y2]`` in pixels; ``text`` holds all of the image's COCO
-    captions (diffusers' training scripts pick one at random when a caption column holds a list).
-    """
-    return datasets.Features({
+#: The columns of the COCO humans dataset
+SCHEMA = DatasetSchema(
+    features=datasets.Features({
         "image_id": datasets.Value("int64"),
         "image": datasets.Image(),
         "person_mask": datasets.Image(),
@@ -94,7 +91,18 @@ def coco_humans_features() -> datasets.Features:
         "text": datasets.List(datasets.Value("string")),
         "person_area_fraction": datasets.Value("float32"),
         "num_persons": datasets.Value("int32"),
-    })
+    }),
+    descriptions={
+        "image_id": "the COCO 2017 image id.",
+        "image": "the COCO image (RGB JPEG as fetched; any other file converted to an 8-bit RGB PNG).",
+        "person_mask": "grayscale PNG of the image's size, 255 on the union of all person segmentations (crowd "
+                       "regions included when allowed), decoded with pycocotools (polygons and RLE), 0 elsewhere.",
+        "face_boxes": f"one face box per person with enough visible face keypoints (rule below), {BOX_CONVENTION}.",
+        "text": "all of the image's COCO captions (a list; diffusers' training scripts pick one at random).",
+        "person_area_fraction": "the person-mask union's area over the image's area.",
+        "num_persons": "non-crowd person annotations.",
+    },
+)
 
 
 def annotation_rle(ann: dict, height: int, width: int) -> dict:
@@ -269,7 +277,8 @@ def captions_by_image(captions: Any) -> dict[int, list[str]]:
 
 def image_row(img: dict, anns: list[dict], captions: list[str], image: Any, face_rule: FaceBoxRule,
               include_crowd: bool) -> dict:
-    """One dataset row: ``image`` (anything :class:`datasets.Image` encodes), mask, faces, text, stats."""
+    """One dataset row (the columns of :data:`SCHEMA`): ``image`` (anything :class:`datasets.Image` encodes), mask,
+    faces, text, stats."""
     height, width = int(img["height"]), int(img["width"])
     mask = person_mask(anns, height, width, include_crowd)
     return {
@@ -321,16 +330,14 @@ def _card_body(report: dict) -> str:
     fb = report["face_box_rule"]
     lines += ["", f"Rows skipped at assembly (image missing or unreadable): {report['skipped']}.", "",
               "For comparison, the Masked_LDM subset (rule never published) had 37,470 train / 1,565 validation images.",
-              "", "## Columns", "",
-              "- `image`: the COCO image (RGB JPEG as fetched; any other file converted to an 8-bit RGB PNG). "
-              + images.describe_conversions(report.get("image_conversions")),
-              "- `person_mask`: grayscale PNG, 255 on the union of all person segmentations (crowd regions included "
-              "when allowed), decoded with pycocotools (polygons and RLE), 0 elsewhere.",
-              f"- `face_boxes`: `[x1, y1, x2, y2]` px per person with >= {fb['min_face_keypoints']} face keypoints at "
-              f"visibility >= {fb['face_visibility']}: a square centred on the keypoints' min/max box, side "
-              f"max({fb['face_box_scale']} x the box's longer side, {fb['min_face_size']} px), clipped to the image.",
-              "- `text`: the image's COCO captions (a list; training scripts pick one).",
-              "- `image_id`, `person_area_fraction` (mask union / image area), `num_persons` (non-crowd).",
+              "", "## Columns", "", *SCHEMA.columns_markdown(), "",
+              f"Face box rule: for each non-crowd person with >= {fb['min_face_keypoints']} face keypoints (nose, "
+              f"eyes, ears) at visibility >= {fb['face_visibility']}, a square centred on those keypoints' min/max "
+              f"box, side max({fb['face_box_scale']} x the box's longer side, {fb['min_face_size']} px), clipped to "
+              "the image.", "",
+              "Splits: COCO's official ones, kept: `train` = the selected train2017 images, `validation` = the "
+              "selected val2017 images (no hash rule: the official split keeps results comparable with COCO's).",
+              "", images.describe_conversions(report.get("image_conversions")),
               "", "## License", "", "COCO annotations CC BY 4.0; images under their Flickr licenses "
               "(see the `license` field of COCO's image entries).", ""]
     return "\n".join(lines)
@@ -347,14 +354,12 @@ def assemble_coco_humans(selection: dict, coco_root: Any, images_dir: Any, out_d
     import shutil
     from pathlib import Path
 
-    from pipelines.hfdata import ParquetShardWriter, write_card
-
     coco_root, images_dir, out_dir = Path(coco_root), Path(images_dir), Path(out_dir)
     rule = selection["rule"]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    features = coco_humans_features()
+    features = SCHEMA.features
     counts, nbytes, skipped, faces = {}, {}, {}, {}
     conversions: Counter = Counter()
     for coco_split, name in SPLIT_NAMES.items():

@@ -73,9 +73,9 @@ def read_jobs(generated_dir: Path, metadata: str = METADATA) -> tuple[list[str],
 
 def condition_rows(dataset_dir: Path, split: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The conditioning landmarks (N, 68, 2; the drawing's source) and SPIGA head pose (N, 6) of ``ids``."""
-    import datasets
+    from pipelines.hfdata import load_local_split
 
-    ds = datasets.load_dataset(str(dataset_dir), split=split).select_columns(["id", "landmarks", "headpose"])
+    ds = load_local_split(dataset_dir, split).select_columns(["id", "landmarks", "headpose"])
     at = {i: n for n, i in enumerate(ds["id"])}
     unknown = [i for i in ids if i not in at]
     if unknown:

@@ -2,12 +2,13 @@
 
 Joins the annotate (SPIGA) and caption shards on id, draws each conditioning image ("spiga_seg" style)
 from SPIGA's landmarks, writes a Hugging Face parquet dataset with its card (splits ``train`` and
-``validation``; validation rows are the ``validation_count`` ids with the smallest sha1) and returns the
-dataset report. diffusers' train_controlnet.py reads the result with its default column names.
+``validation`` by the shared hash rule, :func:`pipelines.hfdata.hash_split`, on ``validation_count`` ids) and
+returns the dataset report. The columns are :data:`SCHEMA` (the face box in
+:data:`~pipelines.faces.boxes.BOX_CONVENTION`). diffusers' train_controlnet.py reads the result with its default
+column names.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -18,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import datasets
 import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pipelines import images
+from pipelines.faces.boxes import BOX_CONVENTION, xywh_to_xyxy
 from pipelines.faces.draw import draw_landmarks
-from pipelines.hfdata import ParquetShardWriter, facesynthetics_features, write_card
+from pipelines.hfdata import DatasetSchema, ParquetShardWriter, hash_split, hash_split_rule, write_card
 from pipelines.metrics.landmarks import nme, summarize_nme
 from pipelines.reports import ModelInfo, provenance, read_json, split_report, write_report
 from pipelines.shards import read_shards, read_summary
@@ -41,6 +44,34 @@ REPORT_METRICS = ("rows", "skipped", "skipped_total", "validation_count_requeste
 NME_LABEL = ("SPIGA vs the sample's own first 68 points, inter-ocular (outer eye corners) normalisation")
 TRAIN_FLAGS = ("--dataset_name={dir} --image_column=image --conditioning_image_column=conditioning_image "
                "--caption_column=text")
+
+#: The dataset's columns. ``image``, ``conditioning_image`` and ``text`` are the column names train_controlnet.py
+#: reads by default.
+SCHEMA = DatasetSchema(
+    features=datasets.Features({
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "conditioning_image": datasets.Image(),
+        "text": datasets.Value("string"),
+        "landmarks": datasets.Array2D(shape=(68, 2), dtype="float32"),
+        "headpose": datasets.List(datasets.Value("float32"), length=6),
+        "face_box": datasets.List(datasets.Value("float32"), length=4),
+        "source_landmarks": datasets.Array2D(shape=(70, 2), dtype="float32"),
+        "segmentation": datasets.Image(),
+    }),
+    descriptions={
+        "id": "the FaceSynthetics sample id (`000000`: files `000000.png`, `000000_seg.png`, `000000_ldmks.txt`).",
+        "image": "the rendered face, 512 x 512 RGB PNG.",
+        "conditioning_image": "the drawing of SPIGA's 68 landmarks (the ControlNet condition), RGB PNG.",
+        "text": "the caption.",
+        "landmarks": "SPIGA's 68 points, 68 x 2 pixels (x, y) of `image`.",
+        "headpose": "SPIGA's head pose in SPIGA's convention: Euler angles (yaw, pitch, roll) then translation.",
+        "face_box": f"the face box, {BOX_CONVENTION}; the sample's own 70 points' min/max grown by the annotate "
+                    "stage's `box_margin` on every side.",
+        "source_landmarks": "the sample's own 70 points (68 + the two pupils), 70 x 2 pixels.",
+        "segmentation": "FaceSynthetics' per-pixel classes (19 classes + 255 ignore), grayscale PNG.",
+    },
+)
 
 # skip reasons of this step (the annotate/caption stages' own reasons are passed through)
 MISSING_CAPTION = "missing_caption"
@@ -103,13 +134,6 @@ def join(annotations: pa.Table, captions: pa.Table) -> tuple[list[str], Counter,
         skipped[reason] += 1
         skipped_ids.append(i)
     return kept, skipped, skipped_ids
-
-
-def split_ids(ids: list[str], validation_count: int) -> dict[str, str]:
-    """id -> split: the ``validation_count`` ids with the smallest sha1 are ``validation``, the rest ``train``."""
-    ranked = sorted(ids, key=lambda i: (hashlib.sha1(i.encode()).hexdigest(), i))
-    held = set(ranked[:validation_count])
-    return {i: ("validation" if i in held else "train") for i in ids}
 
 
 # ------------------------------------------------------------------------------------------ row work
@@ -202,17 +226,14 @@ def _card_body(report: dict, out_dir: Path, models: list[ModelInfo], source: dic
     for s in SPLITS:
         lines.append(f"| {s} | {rows[s]} |")
     lines.append(f"| total | {rows['total']} |")
-    lines += ["", f"Validation rows: the {rows['validation']} ids with the smallest sha1(id)"
-              + (f" (asked for {report['validation_count_requested']}, capped at the rows kept)"
-                 if report["validation_count_capped"] else "") + "."]
+    lines += ["", f"Splits: {hash_split_rule(rows['validation'])}"
+              + (f" (Asked for {report['validation_count_requested']}, capped at the rows kept.)"
+                 if report["validation_count_capped"] else "")]
     lines += ["", f"Skipped: {report['skipped_total']}" + (" rows:" if report["skipped"] else " rows.")]
     for reason, count in sorted(report["skipped"].items()):
         lines.append(f"- `{reason}`: {count}")
     lines += ["", images.describe_conversions(report["image_conversions"], labels=True)]
-    lines += ["", "Columns: `image` (the rendered face, RGB PNG), `conditioning_image` (the drawing), `text` "
-              "(caption), `landmarks` (SPIGA, 68x2 px), `headpose` (SPIGA: Euler angles then translation), "
-              "`face_box` (x, y, w, h), `source_landmarks` (the sample's own 70 points), `segmentation` "
-              "(19 classes + 255 ignore), `id`.", ""]
+    lines += ["", "## Columns", "", *SCHEMA.columns_markdown(), ""]
     lines += ["## Landmark agreement", "", f"NME, {NME_LABEL}, over {nme_block['count']} rows:"]
     if nme_block["count"]:
         lines.append(f"mean {nme_block['mean']:.4f}, median {nme_block['median']:.4f}, p90 {nme_block['p90']:.4f}, "
@@ -254,18 +275,18 @@ def assemble_dataset(opts: AssemblyOptions, raw_dir: Path, annotations_dir: Path
     landmarks = _points(ann_ok, "landmarks", 68)
     source_landmarks = _points(ann_ok, "source_landmarks", 70)
     headpose = np.asarray(ann_ok.column("headpose").to_pylist(), dtype=np.float32).reshape(len(kept), 6)
-    face_box = np.asarray(ann_ok.column("face_box").to_pylist(), dtype=np.float32).reshape(len(kept), 4)
+    face_box = xywh_to_xyxy(np.asarray(ann_ok.column("face_box").to_pylist()).reshape(len(kept), 4)).astype(np.float32)
 
     n_val = min(cfg.validation_count, len(kept))
     if n_val < cfg.validation_count:
         log.warning("assemble.validation_count=%d but only %d rows are kept: validation gets %d",
                     cfg.validation_count, len(kept), n_val)
-    split_of = split_ids(kept, n_val)
+    split_of = hash_split(kept, n_val)
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    features = facesynthetics_features()
+    features = SCHEMA.features
     jobs = [_Job(i, str(sample_paths(raw_dir, i).image_path), str(sample_paths(raw_dir, i).segmentation_path),
                  landmarks[n], opts.image_size, cfg.line_width) for n, i in enumerate(kept)]
     written: list[int] = []  # positions in ``kept`` that made it into the dataset

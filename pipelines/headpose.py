@@ -17,8 +17,9 @@ from typing import Any
 import datasets
 import numpy as np
 
+from pipelines.faces.boxes import BOX_CONVENTION, xywh_to_xyxy
 from pipelines.faces.pose import direction, pnp_pose, position_scale, spiga_pose_to_ours
-from pipelines.hfdata import ParquetShardWriter, write_card
+from pipelines.hfdata import DatasetSchema, ParquetShardWriter, write_card
 from pipelines.metrics.control import angle_difference
 
 ESTIMATORS = ("spiga", "pnp")
@@ -35,21 +36,36 @@ MULTIPLE_FACES_LARGEST = "multiple_faces_kept_largest"
 UNREADABLE = "unreadable_image"
 
 
-def headpose_features() -> datasets.Features:
-    """The columns of a head-pose dataset (one row per face per estimator)."""
-    f32 = datasets.Value("float32")
-    return datasets.Features({
-        "image": datasets.Image(), "yaw": f32, "pitch": f32, "roll": f32, "x": f32, "y": f32, "scale": f32,
+_F32 = datasets.Value("float32")
+#: The columns of a head-pose dataset (one row per face per estimator)
+SCHEMA = DatasetSchema(
+    features=datasets.Features({
+        "image": datasets.Image(), "yaw": _F32, "pitch": _F32, "roll": _F32, "x": _F32, "y": _F32, "scale": _F32,
         "direction": datasets.Value("string"), "landmarks": datasets.Array2D(shape=(68, 2), dtype="float32"),
-        "face_box": datasets.List(f32, length=4), "estimator": datasets.Value("string"),
+        "face_box": datasets.List(_F32, length=4), "estimator": datasets.Value("string"),
         "source": datasets.Value("string"), "id": datasets.Value("string"),
-    })
+    }),
+    descriptions={
+        "image": "the photo or rendered face the labels describe, RGB PNG.",
+        "yaw": "degrees (convention below).", "pitch": "degrees.", "roll": "degrees.",
+        "x": "face-box centre x over the image width.", "y": "face-box centre y over the image height.",
+        "scale": "the face box's longer side over the image's shorter side.",
+        "direction": "`front`, `left`, `right`, `up` or `down` (rule below).",
+        "landmarks": "SPIGA's 68 points, 68 x 2 pixels (x, y).",
+        "face_box": f"the face box SPIGA ran on, {BOX_CONVENTION}.",
+        "estimator": "`spiga` or `pnp` (which estimator gave yaw, pitch, roll).",
+        "source": "where the image came from (`facesynthetics`, `embedded`, `folder`, `hf`).",
+        "id": "the image's id in its source (both estimators' rows of one face share it).",
+    },
+)
 
 
 def label_face(landmarks: np.ndarray, headpose: np.ndarray, face_box: np.ndarray, width: int, height: int,
                thresholds: Mapping[str, float]) -> list[dict]:
     """The two label rows (``spiga`` then ``pnp``) of one face: yaw, pitch, roll, x, y, scale, direction,
-    estimator (no image/id/source). A pose that is not finite gives no row for that estimator."""
+    estimator, landmarks and face box (no image/id/source). ``face_box`` comes in ``[x, y, w, h]`` (SPIGA's
+    crop convention) and is written as the datasets' ``[x1, y1, x2, y2]``. A pose that is not finite gives no
+    row for that estimator."""
     x, y, scale = position_scale(face_box, width, height)
     poses = {"spiga": spiga_pose_to_ours(np.asarray(headpose, dtype=np.float64)),
              "pnp": np.array(pnp_pose(landmarks, face_box, (width, height)))}
@@ -61,7 +77,7 @@ def label_face(landmarks: np.ndarray, headpose: np.ndarray, face_box: np.ndarray
         rows.append({"yaw": yaw, "pitch": pitch, "roll": roll, "x": x, "y": y, "scale": scale,
                      "direction": direction(yaw, pitch, thresholds), "estimator": est,
                      "landmarks": np.asarray(landmarks, dtype=np.float32),
-                     "face_box": np.asarray(face_box, dtype=np.float32)})
+                     "face_box": xywh_to_xyxy(face_box).astype(np.float32)})
     return rows
 
 
@@ -126,13 +142,13 @@ def distribution(rows: list[dict]) -> dict:
 def write_headpose_dataset(rows: Iterable[dict], out_dir: Path, *, pretty_name: str, source_note: str,
                            counts: Mapping[str, int], thresholds: Mapping[str, float], uses_standin: bool,
                            rows_per_file: int = 1000, extra_lines: list[str] | None = None) -> dict:
-    """Write the rows (each with every column of :func:`headpose_features`) as split ``train`` under
+    """Write the rows (each with every column of :data:`SCHEMA`) as split ``train`` under
     ``out_dir``, plus ``label_distribution.png`` (yaw and pitch histograms) and the card; return the summary."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    features = headpose_features()
+    features = SCHEMA.features
     labels: list[dict] = []
     with ParquetShardWriter(out_dir, "train", features, rows_per_file) as writer:
         for row in rows:
@@ -150,12 +166,12 @@ def write_headpose_dataset(rows: Iterable[dict], out_dir: Path, *, pretty_name: 
               "One row per face per estimator (`estimator`): `spiga` = SPIGA's own head pose; `pnp` = a "
               "perspective-n-point fit of SPIGA's 68 landmarks to SPIGA's mean 3D face (principal point at the "
               "face-box centre, focal 1.5 x the longer image side, then the line-of-sight rotation removed).", "",
+              "## Columns", "", *SCHEMA.columns_markdown(), "",
               f"Angles: {CONVENTION}.", "",
-              "`x`, `y`: face-box centre over image width and height; `scale`: max(box w, h) over the image's "
-              "shorter side; `face_box`: x, y, w, h pixels; `landmarks`: SPIGA 68 x 2 pixels.", "",
               f"`direction`: `left`/`right` when |yaw| > {thresholds['yaw']} (sign as above), `up`/`down` when "
               f"|pitch| > {thresholds['pitch']}, else `front`; when both pass, the angle further past its "
               "threshold (relative) wins, ties to yaw.", "",
+              "Splits: one split, `train` (every face; no rows held out).", "",
               "## Counts", "", "| what | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(counts.items())]
     lines += [f"| rows written | {writer.rows_written} |", "", "## Label distribution", "",

@@ -4,10 +4,16 @@ The layout ``data/{split}-{i:05d}-of-{n:05d}.parquet`` + ``README.md`` (YAML fro
 ``configs`` and ``dataset_info``) is what ``datasets.load_dataset(<dir>)`` reads with no loading script,
 and what ``push_to_hub`` makes; diffusers' ``train_controlnet.py --dataset_name=<dir>`` reads it the
 same way. Each parquet file carries the ``huggingface`` schema metadata, so Image columns decode to PIL.
+
+Each dataset defines its columns once, as a :class:`DatasetSchema` next to its builder; every set that holds
+out rows by id uses :func:`hash_split` (a set with an official split, COCO's train2017/val2017, keeps it).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +27,57 @@ DATA_DIR = "data"
 CARD = "README.md"
 
 
-def facesynthetics_features() -> datasets.Features:
-    """The columns of the landmark-conditioned FaceSynthetics dataset.
+@dataclass(frozen=True)
+class DatasetSchema:
+    """One dataset's columns, defined once next to its builder: the ``features`` every row is written with and a
+    one-line description per column (the card's "Columns" section: :meth:`columns_markdown`)."""
 
-    ``image``, ``conditioning_image`` and ``text`` are the column names train_controlnet.py reads by
-    default. ``landmarks`` is SPIGA's 68 points and ``source_landmarks`` the sample's own 70, both in
-    pixels of the 512x512 image; ``headpose`` is SPIGA's Euler angles [:3] + translation [3:];
-    ``face_box`` is ``[x, y, w, h]``.
-    """
-    return datasets.Features({
-        "id": datasets.Value("string"),
-        "image": datasets.Image(),
-        "conditioning_image": datasets.Image(),
-        "text": datasets.Value("string"),
-        "landmarks": datasets.Array2D(shape=(68, 2), dtype="float32"),
-        "headpose": datasets.List(datasets.Value("float32"), length=6),
-        "face_box": datasets.List(datasets.Value("float32"), length=4),
-        "source_landmarks": datasets.Array2D(shape=(70, 2), dtype="float32"),
-        "segmentation": datasets.Image(),
-    })
+    features: datasets.Features
+    descriptions: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        missing = [c for c in self.features if c not in self.descriptions]
+        extra = [c for c in self.descriptions if c not in self.features]
+        if missing or extra:
+            raise ValueError(f"schema descriptions: missing {missing}, not columns {extra}")
+
+    def columns_markdown(self) -> list[str]:
+        """``- `column`: description`` per column, in the features' order."""
+        return [f"- `{c}`: {self.descriptions[c]}" for c in self.features]
+
+
+def _hash_rank(id: str) -> tuple[str, str]:
+    """The sort key of :func:`hash_split`: ``(sha1(id) hex digest, id)``, the same on every machine and run."""
+    return hashlib.sha1(id.encode()).hexdigest(), id
+
+
+def hash_split(ids: Iterable[str], validation_count: int) -> dict[str, str]:
+    """id -> split: the ``validation_count`` ids with the smallest ``_hash_rank`` are ``validation``, the rest
+    ``train`` (:func:`hash_split_rule` says so in words). Independent of the ids' order; rows sharing an id share
+    a split."""
+    if validation_count < 0:
+        raise ValueError(f"validation_count must be >= 0, got {validation_count}")
+    unique = list(dict.fromkeys(ids))
+    held = set(sorted(unique, key=_hash_rank)[:validation_count])
+    return {i: ("validation" if i in held else "train") for i in unique}
+
+
+def hash_split_rule(validation_rows: int) -> str:
+    """The card's sentence for :func:`hash_split` with ``validation_rows`` ids held out."""
+    ids = "id" if validation_rows == 1 else "ids"
+    return (f"`validation` holds the {validation_rows} {ids} with the smallest sha1(id) hex digest, "
+            "`train` the rest: the shared hash rule (`pipelines.hfdata.hash_split`), the same on every machine and "
+            "independent of row order.")
+
+
+def __getattr__(name: str) -> Any:
+    """Transition: ``facesynthetics_features`` moved next to its builder
+    (:data:`pipelines.facesynthetics_dataset.SCHEMA`); remove once no caller imports it from here."""
+    if name == "facesynthetics_features":
+        from pipelines.facesynthetics_dataset import SCHEMA
+
+        return lambda: SCHEMA.features
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ParquetShardWriter:
@@ -194,15 +232,37 @@ def read_card_metadata(path: str | Path) -> dict:
     return yaml.safe_load(text[4:end]) or {}
 
 
+def files_key(dataset_dir: str | Path) -> str:
+    """A key that changes whenever any file under ``dataset_dir`` does: sha256 over each file's relative path,
+    size and mtime (ns). Cheap (one ``stat`` per file, no reads)."""
+    root = Path(dataset_dir)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def load_local_split(dataset_dir: str | Path, split: str, cache_dir: str | Path | None = None) -> Any:
+    """``datasets.load_dataset(<dataset_dir>, split=split)`` that never returns stale rows.
+
+    ``datasets`` caches a local folder's Arrow conversion under a key that survives a rewrite of the folder
+    (a rebuilt dataset whose card holds ``dataset_info`` came back with the old rows), so every load of a local
+    dataset goes through here, into a cache folder named by :func:`files_key`: a rebuilt dataset gets a fresh
+    cache, an unchanged one reuses its own. ``cache_dir`` (default: datasets' cache) holds those folders."""
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / "data").is_dir():
+        raise FileNotFoundError(f"{dataset_dir} holds no dataset (no data/ folder): run the assemble stage first")
+    root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
+    return datasets.load_dataset(str(dataset_dir), split=split,
+                                 cache_dir=str(root / "facecontrol-local" / files_key(dataset_dir)[:20]))
+
+
 def load_split_sorted(dataset_dir: str | Path, split: str, columns: list[str], limit: int | None = None,
                       cache_dir: str | Path | None = None) -> Any:
     """``split`` of the Hub-layout dataset at ``dataset_dir`` with ``columns``, sorted by ``id``, the first
     ``limit`` rows (all when None): the order every consumer of a split (generate, evaluate, training
     validation, reference statistics) shares. Images decode lazily, per row."""
-    dataset_dir = Path(dataset_dir)
-    if not (dataset_dir / "data").is_dir():
-        raise FileNotFoundError(f"{dataset_dir} holds no dataset (no data/ folder): run the assemble stage first")
-    ds = datasets.load_dataset(str(dataset_dir), split=split, cache_dir=None if cache_dir is None else str(cache_dir))
-    ds = ds.select_columns(columns)
+    ds = load_local_split(dataset_dir, split, cache_dir).select_columns(columns)
     order = sorted(range(len(ds)), key=ds["id"].__getitem__)
     return ds.select(order if limit is None else order[:limit])

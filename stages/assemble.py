@@ -2,7 +2,8 @@
 
 Joins the annotate (SPIGA) and caption shards on id, draws each conditioning image ("spiga_seg" style)
 from SPIGA's landmarks, and writes a Hugging Face parquet dataset with its card to
-data/datasets/facesynthetics_spiga/ (splits `train` and `validation`; the validation rows are the
+data/datasets/facesynthetics_spiga/ (columns: pipelines.facesynthetics_dataset.SCHEMA, `face_box` as
+[x1, y1, x2, y2] px; splits `train` and `validation` by the shared hash rule, pipelines.hfdata.hash_split: the
 `assemble.validation_count` ids with the smallest sha1), plus reports/datasets/facesynthetics_spiga.json
 (numbers) and its .provenance.json (models, params, data source).
 diffusers' train_controlnet.py reads it with --dataset_name=data/datasets/facesynthetics_spiga (its

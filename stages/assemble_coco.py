@@ -2,7 +2,8 @@
 
 Reads the selection (data/interim/coco_humans/selection.json), the annotations (data/raw/coco/annotations/)
 and the selected images (data/raw/coco/images/); writes data/datasets/coco_humans/ (splits train and
-validation; columns image, person_mask, face_boxes, text, image_id, person_area_fraction, num_persons; card)
+validation: COCO's own train2017 and val2017; columns pipelines.coco_humans.SCHEMA: image, person_mask,
+face_boxes as [x1, y1, x2, y2] px, text, image_id, person_area_fraction, num_persons; card)
 and reports/datasets/coco_humans.json (counts per split, what was kept and skipped) with its .provenance.json
 (what each rule removed in order, the rules, the image fetch, data source, params).
 """

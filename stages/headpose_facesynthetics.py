@@ -2,7 +2,8 @@
 
 Reads data/interim/facesynthetics/annotations (SPIGA landmarks, head pose and face box per face: nothing is
 annotated again) and the raw images in data/raw/facesynthetics; writes data/datasets/headpose_facesynthetics/
-(HF parquet dataset, one row per face per estimator `spiga` / `pnp`, card with the yaw/pitch histograms).
+(HF parquet dataset, one split `train`, one row per face per estimator `spiga` / `pnp`, columns
+pipelines.headpose.SCHEMA with `face_box` as [x1, y1, x2, y2] px; card with the yaw/pitch histograms).
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Faces are found by dlib's HOG frontal detector (weights ship in the dlib package
 `detector_threshold`); SPIGA runs on the detected box; both estimators (spiga, pnp) label each face.
 Rule for an image's detections: none -> counted `no_face`, skipped; one -> kept; several -> the largest is kept
 when its area is >= `multiple_faces_dominance` x the second's (counted), else the image is skipped (counted).
-Writes data/datasets/headpose_<name>/ (HF parquet dataset + card + yaw/pitch histograms).
+Writes data/datasets/headpose_<name>/ (HF parquet dataset, one split `train`, columns pipelines.headpose.SCHEMA
+with `face_box` as [x1, y1, x2, y2] px; card; yaw/pitch histograms).
 Sample profile: a folder made by code from the real photo matplotlib ships (grace_hopper.jpg), a two-face
 and a big-and-small-face composite of it, a face-free image and two rendered faces.
 """

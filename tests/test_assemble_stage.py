@@ -15,7 +15,7 @@ from test_reports import assert_readable_metrics
 
 from pipelines import facesynthetics_dataset as D
 from pipelines.faces.draw import draw_landmarks
-from pipelines.hfdata import read_card_metadata
+from pipelines.hfdata import hash_split, read_card_metadata
 from pipelines.reports import ModelInfo, provenance_path, read_json
 from stages import assemble as A
 from stages.config import ParamError, load
@@ -92,6 +92,7 @@ def test_assemble_end_to_end(workdir):
     out = workdir / "data/datasets/facesynthetics_spiga"
     ds = datasets.load_dataset(str(out), cache_dir=str(workdir / "hf_cache"))
     assert {s: ds[s].num_rows for s in ds} == {"train": 2, "validation": 1}
+    assert ds["train"].features == ds["validation"].features == D.SCHEMA.features
     for col in ("image", "conditioning_image", "text", "landmarks", "headpose", "face_box", "source_landmarks",
                 "segmentation", "id"):
         assert col in ds["train"].column_names
@@ -109,7 +110,7 @@ def test_assemble_end_to_end(workdir):
         assert np.array_equal(np.asarray(row["segmentation"]), np.asarray(Image.open(raw / f"{sid}_seg.png")))
         assert np.array_equal(np.asarray(row["landmarks"], np.float32), src[:68] + OFFSET)
         assert np.array_equal(np.asarray(row["source_landmarks"], np.float32), src)
-        assert row["headpose"][0] == k and row["face_box"][3] == 4 + k
+        assert row["headpose"][0] == k and row["face_box"] == [1, 2, 4, 6 + k]  # shard x, y, w, h -> x1, y1, x2, y2
         drawn = draw_landmarks(src[:68] + OFFSET, size=512, line_width=4)
         assert np.array_equal(np.asarray(row["conditioning_image"].convert("RGB")), drawn)
 
@@ -134,6 +135,8 @@ def test_assemble_end_to_end(workdir):
     assert f"--dataset_name={out.relative_to(workdir).as_posix()} --image_column=image " \
            "--conditioning_image_column=conditioning_image --caption_column=text" in card
     assert "`corrupt_image`: 1" in card and "`missing_caption`: 1" in card
+    assert all(line in card for line in D.SCHEMA.columns_markdown()) and "[x1, y1, x2, y2]" in card
+    assert "`validation` holds the 1 id with the smallest sha1(id)" in card
     assert not (out / "data/train-00000-of-00009.parquet").exists()
 
 
@@ -184,10 +187,10 @@ def test_join_reasons():
 
 def test_split_is_deterministic():
     ids = [f"{i:06d}" for i in range(50)]
-    split = D.split_ids(ids, 5)
+    split = hash_split(ids, 5)
     val = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:5]
     assert sorted(i for i, s in split.items() if s == "validation") == sorted(val)
-    assert D.split_ids(list(reversed(ids)), 5) == split
+    assert hash_split(list(reversed(ids)), 5) == split
 
 
 def test_config_validation(repo_root):

@@ -150,4 +150,4 @@ def test_features_and_row(sample):
     assert row["num_persons"] == 2 and len(row["face_boxes"]) == 1 and len(row["text"]) == 2 + 102 % 4
     assert row["person_mask"].max() == 255
     assert row["person_area_fraction"] == pytest.approx((row["person_mask"] > 0).mean())
-    H.coco_humans_features().encode_example(row)
+    H.SCHEMA.features.encode_example(row)

@@ -6,6 +6,7 @@ import pytest
 import yaml
 from conftest import committed_params
 
+from pipelines.coco_humans import SCHEMA
 from pipelines.hfdata import read_card_metadata
 from pipelines.reports import provenance_path, read_json
 from pipelines.sources import coco as S
@@ -67,8 +68,9 @@ def test_stages_end_to_end(params, tmp_path):
     assert details["selection"]["train"]["removed"]["malformed_annotation"] == 1
     assert details["rule_order"] == list(select_coco.RULES) and details["image_fetch"]["counts"]["missing"] == 1
     assert report["uses_embedded_sample"] is True and report["uses_standin_models"] is False
-    ds = datasets.load_dataset("data/datasets/coco_humans")
+    ds = datasets.load_dataset("data/datasets/coco_humans", cache_dir=str(tmp_path / "hf_cache"))
     assert set(ds) == {"train", "validation"} and ds["train"].num_rows == 3 and ds["validation"].num_rows == 2
+    assert ds["train"].features == ds["validation"].features == SCHEMA.features
     row = ds["train"][0]
     assert row["image_id"] == 1 and row["image"].size == (320, 256) and row["person_mask"].mode == "L"
     assert (sum(1 for v in row["person_mask"].getdata() if v == 255) / (320 * 256)
@@ -78,6 +80,8 @@ def test_stages_end_to_end(params, tmp_path):
     assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == {"train": 3, "validation": 2}
     card = (tmp_path / "data/datasets/coco_humans/README.md").read_text()
     assert "37,470" in card and "low_person_fraction" in card
+    assert all(line in card for line in SCHEMA.columns_markdown()) and "[x1, y1, x2, y2]" in card
+    assert "train2017" in card and "val2017" in card
 
 
 def test_missing_selection_is_a_clear_error(params):

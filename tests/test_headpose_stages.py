@@ -11,6 +11,7 @@ from conftest import committed_params
 
 from pipelines.faces.boxes import face_box_from_landmarks
 from pipelines.faces.pose import ours_to_spiga_rotation
+from pipelines.headpose import SCHEMA
 from pipelines.model_store import make_standin
 from pipelines.sources.sample_faces import write_sample
 
@@ -98,10 +99,17 @@ def test_headpose_facesynthetics_stage(workdir, monkeypatch):
     assert summary["rows"] == 6 and summary["counts"]["annotation_failed"] == 1
     out = workdir / "data/datasets/headpose_facesynthetics"
     assert (out / "label_distribution.png").stat().st_size > 1000
-    ds = datasets.load_dataset(str(out), split="train")
+    # a fresh cache: datasets reuses an older cache of a same-named folder whose card has dataset_info
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(workdir / "hf_cache_fs"))
     assert set(ds.column_names) == {"image", "yaw", "pitch", "roll", "x", "y", "scale", "direction", "landmarks",
                                     "face_box", "estimator", "source", "id"}
+    assert ds.features == SCHEMA.features
+    card = (out / "README.md").read_text()
+    assert all(line in card for line in SCHEMA.columns_markdown()) and "one split, `train`" in card
+    boxes = {r["id"]: r["face_box"] for r in rows if r["ok"]}  # the shards' x, y, w, h
     for r in ds:
+        x, y, w, h = boxes[r["id"]]
+        assert r["face_box"] == pytest.approx([x, y, x + w, y + h])  # the dataset's x1, y1, x2, y2
         p = poses[r["id"]]
         tol = 1e-2 if r["estimator"] == "spiga" else 4.0  # pnp: sample truth is camera-frame, labels line-of-sight
         assert [r["yaw"], r["pitch"], r["roll"]] == pytest.approx([p["yaw"], p["pitch"], p["roll"]], abs=tol)

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.facesynthetics_dataset import SCHEMA
 from pipelines.hfdata import (
     ParquetShardWriter,
-    facesynthetics_features,
+    files_key,
+    load_local_split,
     read_card_metadata,
     size_category,
     write_card,
@@ -34,7 +36,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
-    features = facesynthetics_features()
+    features = SCHEMA.features
     rows = make_rows(5)
     writers = {}
     for split, part in (("train", rows[:3]), ("validation", rows[3:])):
@@ -62,7 +64,7 @@ def test_load_dataset_reads_splits_and_values(written):
     _, rows, _, ds = written
     assert set(ds) == {"train", "validation"}
     assert ds["train"].num_rows == 3 and ds["validation"].num_rows == 2
-    assert ds["train"].features == facesynthetics_features()
+    assert ds["train"].features == SCHEMA.features
     got = list(ds["train"]) + list(ds["validation"])
     for want, row in zip(rows, got, strict=True):
         assert row["id"] == want["id"] and row["text"] == want["text"]
@@ -79,7 +81,7 @@ def test_card_front_matter(written):
     meta = read_card_metadata(out / "README.md")
     assert meta["configs"] == [{"config_name": "default", "data_files": [
         {"split": "train", "path": "data/train-*"}, {"split": "validation", "path": "data/validation-*"}]}]
-    assert datasets.Features._from_yaml_list(meta["dataset_info"]["features"]) == facesynthetics_features()
+    assert datasets.Features._from_yaml_list(meta["dataset_info"]["features"]) == SCHEMA.features
     assert [(s["name"], s["num_examples"]) for s in meta["dataset_info"]["splits"]] == [("train", 3), ("validation", 2)]
     assert meta["size_categories"] == ["n<1K"] and meta["license"] == "other"
     assert meta["task_categories"] == ["text-to-image"] and meta["tags"] == ["faces"]
@@ -93,7 +95,7 @@ def test_size_category():
 
 
 def test_aborted_writer_leaves_nothing(tmp_path):
-    features = facesynthetics_features()
+    features = SCHEMA.features
     with pytest.raises(RuntimeError):
         with ParquetShardWriter(tmp_path, "train", features, rows_per_file=1) as w:
             w.write(make_rows(1)[0])
@@ -104,5 +106,29 @@ def test_aborted_writer_leaves_nothing(tmp_path):
 def test_missing_column_is_an_error(tmp_path):
     row = make_rows(1)[0]
     del row["text"]
-    with ParquetShardWriter(tmp_path, "train", facesynthetics_features()) as w, pytest.raises(ValueError, match="text"):
+    with ParquetShardWriter(tmp_path, "train", SCHEMA.features) as w, pytest.raises(ValueError, match="text"):
         w.write(row)
+
+
+def test_a_rebuilt_local_dataset_is_never_read_stale(tmp_path):
+    """datasets' own cache hands back the old rows of a folder rebuilt in place (the card holds dataset_info);
+    load_local_split keys its cache by the files, so the rebuilt rows are read and an unchanged folder reuses."""
+    import shutil
+
+    features = datasets.Features({"id": datasets.Value("string"), "v": datasets.Value("int32")})
+    out, cache = tmp_path / "ds", tmp_path / "cache"
+    seen, raw = [], []
+    for v in (1, 2):
+        if out.exists():
+            shutil.rmtree(out)
+        with ParquetShardWriter(out, "train", features, 10) as writer:
+            writer.write({"id": "a", "v": v})
+        write_card(out, pretty_name="t", features=features, splits={"train": 1}, license="mit", source_datasets=[],
+                   task_categories=[], body_markdown="")
+        raw.append(datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "raw"))["v"][0])
+        seen.append(load_local_split(out, "train", cache)["v"][0])
+    assert seen == [1, 2]
+    assert raw == [1, 1]  # the failure this guards against (if datasets fixes it, this line can go)
+    key = files_key(out)
+    assert load_local_split(out, "train", cache)["v"][0] == 2 and files_key(out) == key
+    assert len(list((cache / "facecontrol-local").iterdir())) == 2  # one cache per version of the files

@@ -12,6 +12,7 @@ import yaml
 from conftest import committed_params
 from huggingface_hub import CommitInfo, HfApi, constants
 
+from pipelines import facesynthetics_dataset as FS
 from pipelines import hfdata
 from pipelines import publish as P
 from pipelines.reports import read_report, write_report
@@ -31,7 +32,7 @@ def _row(i: int) -> dict:
 def make_dataset(root: Path, name: str = "tiny") -> tuple[Path, Path]:
     """A small dataset in the assemble layout (+ its report), as the assemble stage writes it."""
     out = root / "data" / "datasets" / name
-    feats = hfdata.facesynthetics_features()
+    feats = FS.SCHEMA.features
     split_bytes, i = {}, 0
     for split, n in ROWS.items():
         with hfdata.ParquetShardWriter(out, split, feats, rows_per_file=3) as w:
@@ -110,7 +111,7 @@ def test_staged_folder_loads_and_card_matches_features(ds, tmp_path, monkeypatch
     assert {s: len(loaded[s]) for s in loaded} == ROWS
     meta = hfdata.read_card_metadata(out / "README.md")
     card_features = datasets.Features._from_yaml_list(meta["dataset_info"]["features"])
-    assert card_features == loaded["train"].features == hfdata.facesynthetics_features()
+    assert card_features == loaded["train"].features == FS.SCHEMA.features
     assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == ROWS
     assert meta["license"] == "other" and meta["license_link"].startswith("https://github.com/microsoft/FaceSynthetics")
     text = (out / "README.md").read_text()

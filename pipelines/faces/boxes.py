@@ -1,7 +1,34 @@
-"""Face boxes: the FaceSynthetics rule (box from the sample's own landmarks) and box checks."""
+"""Face boxes: the FaceSynthetics rule (box from the sample's own landmarks), box checks, and the one box
+convention every dataset stores.
+
+Every dataset's box columns (FaceSynthetics ``face_box``, the head-pose sets' ``face_box``, COCO humans'
+``face_boxes``) hold :data:`BOX_CONVENTION`: ``[x1, y1, x2, y2]`` pixels, COCO's and torchvision's ``xyxy``.
+Inside the pipeline SPIGA's crops and dlib's detections work in ``[x, y, w, h]`` (the annotate shards keep
+that); builders convert with :func:`xywh_to_xyxy` when they write a row.
+"""
 from __future__ import annotations
 
 import numpy as np
+
+#: The box convention of every dataset's box columns (the cards quote it)
+BOX_CONVENTION = ("`[x1, y1, x2, y2]` in pixels of the row's image: top-left then bottom-right corner, x to the "
+                  "right, y down (COCO's and torchvision's `xyxy`; width = x2 - x1)")
+
+
+def xywh_to_xyxy(box: np.ndarray | list[float]) -> np.ndarray:
+    """``[x, y, w, h]`` -> ``[x1, y1, x2, y2]`` (any leading shape, float64)."""
+    b = np.asarray(box, dtype=np.float64)
+    if b.shape[-1:] != (4,):
+        raise ValueError(f"a box has 4 values, got shape {b.shape}")
+    return np.concatenate([b[..., :2], b[..., :2] + b[..., 2:]], axis=-1)
+
+
+def xyxy_to_xywh(box: np.ndarray | list[float]) -> np.ndarray:
+    """``[x1, y1, x2, y2]`` -> ``[x, y, w, h]`` (any leading shape, float64); the inverse of :func:`xywh_to_xyxy`."""
+    b = np.asarray(box, dtype=np.float64)
+    if b.shape[-1:] != (4,):
+        raise ValueError(f"a box has 4 values, got shape {b.shape}")
+    return np.concatenate([b[..., :2], b[..., 2:] - b[..., :2]], axis=-1)
 
 
 def face_box_from_landmarks(landmarks: np.ndarray, margin: float = 5.0) -> np.ndarray:
