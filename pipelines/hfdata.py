@@ -70,16 +70,6 @@ def hash_split_rule(validation_rows: int) -> str:
             "independent of row order.")
 
 
-def __getattr__(name: str) -> Any:
-    """Transition: ``facesynthetics_features`` moved next to its builder
-    (:data:`pipelines.facesynthetics_dataset.SCHEMA`); remove once no caller imports it from here."""
-    if name == "facesynthetics_features":
-        from pipelines.facesynthetics_dataset import SCHEMA
-
-        return lambda: SCHEMA.features
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class ParquetShardWriter:
     """Write rows of one split as ``data/{split}-{i:05d}-of-{n:05d}.parquet`` under ``out_dir``.
 

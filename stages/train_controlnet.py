@@ -8,8 +8,9 @@ real profile; the tiny stand-in at 64 px in the sample profile). The ControlNet 
 * models/controlnet_landmarks/ - ``save_pretrained`` (config.json + diffusion_pytorch_model.safetensors),
   README.md model card, facecontrol_model.json manifest (so ``generate`` can read it like any model);
 * models/controlnet_landmarks_checkpoints/checkpoint-<step>/ - accelerate states every
-  ``checkpointing_steps`` (dvc ``persist: true``); at most ``checkpoints_total_limit`` kept; a rerun after
-  an interruption continues from the newest;
+  ``checkpointing_steps`` (dvc ``persist: true``), each with the ControlNet of that step in ``controlnet/``
+  (``ControlNetModel.from_pretrained`` loads it, so an evaluation can compare steps); at most
+  ``checkpoints_total_limit`` kept; a rerun after an interruption continues from the newest;
 * reports/train/controlnet_landmarks/ - DVCLive layout: metrics.json, plots/metrics/train/{loss,lr}.tsv,
   plots/images/validation/step-<k>.png + latest.png (``persist: true``, so a resumed run keeps its history);
   summary.json (the run's numbers: steps, losses, steps/s, epochs) and summary.provenance.json (resumed_from,

@@ -170,7 +170,7 @@ def test_real_profile_sections_agree(repo_root, one_gpu):
     """The real sections fit together: the held-out validation leaves training rows, the recipe makes about
     one epoch of them (the seed: three epochs overfit), and generation has the conditions it asks for."""
     from pipelines.sources.facesynthetics import SUBSET_SIZES
-    from pipelines.training.controlnet import epochs_seen
+    from pipelines.training.loop import epochs_seen
     from stages.schemas.train_controlnet import OVERFIT_EPOCHS
 
     params = committed_params()

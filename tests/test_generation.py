@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 from test_reports import assert_readable_metrics
 
 from pipelines import generation as G
-from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
+from pipelines.facesynthetics_dataset import SCHEMA
+from pipelines.hfdata import ParquetShardWriter
 from pipelines.model_store import make_standin
 from pipelines.reports import provenance_path, read_json
 from pipelines.standins import stable_diffusion as SD
@@ -147,7 +148,7 @@ VAL_IDS = ["000007", "000003", "000005"]  # unsorted on purpose
 
 
 def write_dataset(out):
-    features = facesynthetics_features()
+    features = SCHEMA.features
     small = np.zeros((8, 8, 3), np.uint8)
 
     def row(sid, k):

@@ -239,10 +239,11 @@ def test_inception_score_known_answer(tmp_path, inception):
 
 
 def _tiny_dataset(root: Path, n: int = 4) -> None:
-    from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
+    from pipelines.facesynthetics_dataset import SCHEMA
+    from pipelines.hfdata import ParquetShardWriter
 
     rng = np.random.default_rng(10)
-    with ParquetShardWriter(root, "validation", facesynthetics_features(), rows_per_file=2) as w:
+    with ParquetShardWriter(root, "validation", SCHEMA.features, rows_per_file=2) as w:
         for i in range(n):
             img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the schema fixes no image size
             w.write({"id": f"{n - i:06d}", "image": img, "conditioning_image": img, "text": "a face",

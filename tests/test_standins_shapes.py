@@ -117,10 +117,11 @@ def test_one_training_step_the_stock_example_way(parts, tmp_path):
     from diffusers import ControlNetModel
     from torchvision import transforms
 
-    from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
+    from pipelines.facesynthetics_dataset import SCHEMA
+    from pipelines.hfdata import ParquetShardWriter
 
     tok, sched, text, vae, unet = (parts[k] for k in ("tokenizer", "noise_scheduler", "text_encoder", "vae", "unet"))
-    with ParquetShardWriter(tmp_path / "ds", "train", facesynthetics_features()) as w:
+    with ParquetShardWriter(tmp_path / "ds", "train", SCHEMA.features) as w:
         for k in range(2):
             w.write({"id": f"{k:06d}", "image": face(k), "conditioning_image": landmarks(k), "text": f"a face {k}",
                      "landmarks": np.zeros((68, 2), np.float32), "headpose": [0.0] * 6, "face_box": [0.0, 0, 1, 1],

@@ -12,11 +12,14 @@ from PIL import Image, ImageDraw
 from test_reports import assert_readable_metrics
 
 from pipelines import generation as G
-from pipelines.hfdata import ParquetShardWriter, facesynthetics_features
+from pipelines.facesynthetics_dataset import SCHEMA
+from pipelines.hfdata import ParquetShardWriter
 from pipelines.model_store import make_standin
 from pipelines.reports import provenance_path, read_json
 from pipelines.standins import stable_diffusion as SD
 from pipelines.training import controlnet as T
+from pipelines.training import data as D
+from pipelines.training import loop as L
 from stages import train_controlnet as S
 from stages.config import ParamError, load
 
@@ -64,7 +67,7 @@ def face(k: int, size: int = RES) -> Image.Image:
 
 
 def write_dataset(out, n_train: int = 4, n_val: int = 2) -> None:
-    features = facesynthetics_features()
+    features = SCHEMA.features
 
     def row(sid, k):
         return {"id": sid, "image": face(k), "conditioning_image": condition(k), "text": f"a rendered face {k}",
@@ -143,17 +146,17 @@ def test_transform_contract(assets):
 
 def test_data_order_is_a_seeded_stream():
     n = 5
-    stream = T.sample_indices(n, seed=3, start=0, count=15)
+    stream = L.sample_indices(n, seed=3, start=0, count=15)
     for e in range(3):  # each epoch is a permutation, and a different one
         assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
-        assert stream[e * n:(e + 1) * n] == T.epoch_permutation(n, 3, e)
-    assert T.epoch_permutation(n, 3, 0) != T.epoch_permutation(n, 3, 1)
-    assert T.sample_indices(n, 3, 7, 6) == stream[7:13]  # any window of the same stream
-    it = T.batch_stream(n, 3, batch_size=2, start_micro_step=1)
+        assert stream[e * n:(e + 1) * n] == L.epoch_permutation(n, 3, e)
+    assert L.epoch_permutation(n, 3, 0) != L.epoch_permutation(n, 3, 1)
+    assert L.sample_indices(n, 3, 7, 6) == stream[7:13]  # any window of the same stream
+    it = L.batch_stream(n, 3, batch_size=2, start_micro_step=1)
     assert next(it) == stream[2:4] and next(it) == stream[4:6]
     # two processes: micro-step m takes positions [4m, 4m+2) on rank 0 and [4m+2, 4m+4) on rank 1
-    assert next(T.batch_stream(n, 3, 2, 1, 1, 2)) == stream[6:8]
-    assert T.step_generator(0, 5).initial_seed() == T.step_generator(0, 5).initial_seed() != T.step_generator(0, 6).initial_seed()
+    assert next(L.batch_stream(n, 3, 2, 1, 1, 2)) == stream[6:8]
+    assert L.step_generator(0, 5).initial_seed() == L.step_generator(0, 5).initial_seed() != L.step_generator(0, 6).initial_seed()
 
 
 def test_conditioning_channels():
@@ -167,21 +170,21 @@ def test_conditioning_channels():
 def test_checkpoint_listing_and_pruning(tmp_path):
     for step in (10, 2, 30):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / T.STEP_FILE).write_text("{}")
+        (tmp_path / f"checkpoint-{step}" / L.STEP_FILE).write_text("{}")
     (tmp_path / "checkpoint-40").mkdir()  # incomplete (no step file): ignored, then removed
-    assert [s for s, _ in T.list_checkpoints(tmp_path)] == [2, 10, 30]
-    T.prune_checkpoints(tmp_path, 2)
+    assert [s for s, _ in L.list_checkpoints(tmp_path)] == [2, 10, 30]
+    L.prune_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-30"]
 
 
 def test_metrics_log_layout_and_truncate(tmp_path):
-    m = T.MetricsLog(tmp_path)
+    m = L.MetricsLog(tmp_path)
     for step in (1, 2, 3):
         m.log(step, {"loss": 0.5 / step, "lr": 1e-4})
     assert (tmp_path / "plots/metrics/train/loss.tsv").read_text().splitlines()[:2] == ["step\tloss", "1\t0.5"]
     assert read_json(tmp_path / "metrics.json") == {"step": 3, "train": {"loss": 0.166667, "lr": 0.0001}}
     m.truncate(2)
-    assert T.read_tsv(tmp_path / "plots/metrics/train/loss.tsv") == [(1, 0.5), (2, 0.25)]
+    assert L.read_tsv(tmp_path / "plots/metrics/train/loss.tsv") == [(1, 0.5), (2, 0.25)]
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ def test_loss_decreases_on_a_fixed_batch(assets):
     for m in (c.vae, c.unet, c.text_encoder):
         m.requires_grad_(False)
     tf = T.make_transform(c.tokenizer, RES)
-    batch = T.collate([tf({"image": face(k), "conditioning_image": condition(k), "text": f"face {k}"}) for k in (0, 1)])
+    batch = L.collate([tf({"image": face(k), "conditioning_image": condition(k), "text": f"face {k}"}) for k in (0, 1)])
     opt = torch.optim.AdamW(c.controlnet.parameters(), lr=1e-3)
     losses = []
     for _ in range(10):  # the same noise and timesteps each step: a pure overfit
@@ -217,7 +220,7 @@ def test_resume_equals_uninterrupted_and_checkpoint_limit(assets, tmp_path):
                   proportion_empty_prompts=0.5)
     first = train(assets, tmp_path / "b", sb, stop_after=3)  # "interrupted" after step 3: last checkpoint is 2
     assert not first["finished"] and not (tmp_path / "b/out").exists()
-    assert [r[0] for r in T.read_tsv(tmp_path / "b/logs/plots/metrics/train/loss.tsv")] == [1, 2, 3]
+    assert [r[0] for r in L.read_tsv(tmp_path / "b/logs/plots/metrics/train/loss.tsv")] == [1, 2, 3]
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
@@ -232,7 +235,7 @@ def test_resume_equals_uninterrupted_and_checkpoint_limit(assets, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
-    la, lb = (T.read_tsv(tmp_path / f"{x}/logs/plots/metrics/train/loss.tsv") for x in "ab")
+    la, lb = (L.read_tsv(tmp_path / f"{x}/logs/plots/metrics/train/loss.tsv") for x in "ab")
     assert [r[0] for r in lb] == [1, 2, 3, 4]  # step 3 of the interrupted run was dropped and redone
     np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=1e-4)
     # the ControlNet did change: its zero convolutions are not zero any more
@@ -277,13 +280,13 @@ def test_a_changed_dataset_is_not_resumed(assets, tmp_path, caplog):
                                   cache_dir=cache)
 
     write_dataset(ds)
-    digest = T.dataset_digest(ds)
+    digest = D.dataset_digest(ds)
     assert run()["steps_this_run"] == 2
     assert run()["steps_this_run"] == 0  # the same data: resumed at its target
     write_dataset(ds)  # the same rows written again: the same identity (it is the bytes, not the mtimes)
-    assert T.dataset_digest(ds) == digest
+    assert D.dataset_digest(ds) == digest
     write_dataset(ds, n_train=3, n_val=3)  # one training row fewer (a larger validation_count)
-    assert T.dataset_digest(ds) != digest
+    assert D.dataset_digest(ds) != digest
     summary = run()
     assert summary["resumed_from"] is None and summary["steps_this_run"] == 2 and summary["train_rows"] == 3
     assert "another recipe (dataset differ)" in caplog.text
@@ -313,7 +316,7 @@ def test_a_shorter_rerun_never_goes_past_its_target(assets, tmp_path, checkpoint
         assert short["resumed_from"].endswith("checkpoint-2") and short["steps_this_run"] == 0
     else:
         assert short["resumed_from"] is None and short["steps_this_run"] == 2
-    assert [step for step, _ in T.list_checkpoints(tmp_path / "run/ckpt")] == ([2] if checkpointing_steps == 2 else [])
+    assert [step for step, _ in L.list_checkpoints(tmp_path / "run/ckpt")] == ([2] if checkpointing_steps == 2 else [])
     card = (tmp_path / "run/out/README.md").read_text()
     assert "Optimizer steps: **2**" in card and "| `max_train_steps` | `2` |" in card
     assert not (tmp_path / "run/out/stale.bin").exists() and not (tmp_path / "run/.out.partial").exists()
@@ -321,7 +324,7 @@ def test_a_shorter_rerun_never_goes_past_its_target(assets, tmp_path, checkpoint
     assert wf.keys() == ws.keys() and all(torch.equal(wf[k], ws[k]) for k in wf)
     assert short["final_loss"] == pytest.approx(fresh["final_loss"], rel=1e-6)  # from the log when resumed
     logs = tmp_path / "run/logs"
-    assert [step for step, _ in T.read_tsv(logs / "plots/metrics/train/loss.tsv")] == [1, 2]
+    assert [step for step, _ in L.read_tsv(logs / "plots/metrics/train/loss.tsv")] == [1, 2]
     assert read_json(logs / "metrics.json")["step"] == 2
     images = logs / "plots/images/validation"
     assert sorted(p.name for p in images.iterdir()) == ["latest.png", "step-2.png"]
@@ -331,11 +334,11 @@ def test_a_shorter_rerun_never_goes_past_its_target(assets, tmp_path, checkpoint
 def test_a_diverging_run_stops_and_writes_no_model(assets, tmp_path):
     """A learning rate that blows the weights up: a clear error at the first non-finite loss, no final model,
     no checkpoint past the last finite step."""
-    with pytest.raises(T.NonFiniteTraining, match=r"the loss is (nan|inf) at step 2; no model was written: "
+    with pytest.raises(L.NonFiniteTraining, match=r"the loss is (nan|inf) at step 2; no model was written: "
                                                   r"lower train_controlnet\.learning_rate"):
         train(assets, tmp_path, settings(learning_rate=1e30, checkpointing_steps=1, resolution=32, num_validation_images=0))
-    assert not (tmp_path / "out").exists() and [s for s, _ in T.list_checkpoints(tmp_path / "ckpt")] == [1]
-    assert [step for step, _ in T.read_tsv(tmp_path / "logs/plots/metrics/train/loss.tsv")] == [1]
+    assert not (tmp_path / "out").exists() and [s for s, _ in L.list_checkpoints(tmp_path / "ckpt")] == [1]
+    assert [step for step, _ in L.read_tsv(tmp_path / "logs/plots/metrics/train/loss.tsv")] == [1]
 
 
 def test_non_finite_gradients_stop_the_run(assets, tmp_path, monkeypatch):
@@ -347,18 +350,76 @@ def test_non_finite_gradients_stop_the_run(assets, tmp_path, monkeypatch):
         return real(c, controlnet, *args, **kw) + 0 * torch.sqrt(p - p).sum()
 
     monkeypatch.setattr(T, "training_loss", nan_grads)
-    with pytest.raises(T.NonFiniteTraining, match=r"the gradient norm is nan at step 1 \(loss [0-9.]+\)"):
+    with pytest.raises(L.NonFiniteTraining, match=r"the gradient norm is nan at step 1 \(loss [0-9.]+\)"):
         train(assets, tmp_path, settings(max_train_steps=2, checkpointing_steps=1, resolution=32, num_validation_images=0))
-    assert not (tmp_path / "out").exists() and T.list_checkpoints(tmp_path / "ckpt") == []
+    assert not (tmp_path / "out").exists() and L.list_checkpoints(tmp_path / "ckpt") == []
 
 
 def test_check_finite_names_the_weight():
     layer = torch.nn.Linear(2, 2)
-    T.check_finite(layer, 3)
+    L.check_finite(layer, 3)
     with torch.no_grad():
         layer.bias[1] = float("inf")
-    with pytest.raises(T.NonFiniteTraining, match=r"weight bias is not finite after step 3"):
-        T.check_finite(layer, 3)
+    with pytest.raises(L.NonFiniteTraining, match=r"weight bias is not finite after step 3"):
+        L.check_finite(layer, 3)
+
+
+# --- columns, caption lists, checkpointed models ------------------------------------------------------------
+
+
+def test_a_missing_column_is_refused_before_training(assets, tmp_path):
+    with pytest.raises(D.MissingColumn) as err:
+        train(assets, tmp_path, settings(caption_column="caption", resolution=32))
+    message = str(err.value)
+    assert "\n" not in message and message.endswith(
+        "(split train) has no column 'caption' (caption_column); its columns: id, image, conditioning_image, text, "
+        "landmarks, headpose, face_box, source_landmarks, segmentation")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+
+
+def write_caption_list_dataset(out) -> list[list[str]]:
+    """Two training and two validation rows whose ``captions`` column holds lists (of 3 and 1 strings, as
+    COCO's five per image); returns the validation rows' lists."""
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "conditioning_image": datasets.Image(),
+                                  "captions": datasets.List(datasets.Value("string"))})
+    lists = [[f"face {k}", f"a face {k}", f"the face {k}"] if k % 2 == 0 else [f"only face {k}"] for k in range(4)]
+    for split, ks in (("train", (0, 1)), ("validation", (2, 3))):
+        with ParquetShardWriter(out, split, features) as w:
+            for k in ks:
+                w.write({"id": f"{k:06d}", "image": face(k), "conditioning_image": condition(k), "captions": lists[k]})
+    return lists[2:]
+
+
+def test_a_column_of_caption_lists_trains(assets, tmp_path):
+    """A list of captions per row: all tokenized, one drawn per sample with the step's generator in training
+    (so a resumed run draws the same), the first in validation."""
+    sd, _, cache = assets
+    val_lists = write_caption_list_dataset(tmp_path / "ds")
+    s = settings(caption_column="captions", resolution=32, max_train_steps=2, validation_steps=2,
+                 num_validation_images=2)
+    task = T.ControlNetTask(s, sd, tmp_path / "ds", cache_dir=cache)
+    assert task.rows[0]["input_ids"].shape == (3, 77) and task.rows[1]["input_ids"].shape == (1, 77)
+    assert task.validation_rows[1] == [lst[0] for lst in val_lists]
+    summary = L.run_training(task, s, tmp_path / "out", tmp_path / "ckpt", tmp_path / "logs", cpu=True)
+    assert summary["finished"] and np.isfinite(summary["final_loss"]) and summary["train_rows"] == 2
+    assert (tmp_path / "logs/plots/images/validation/step-2.png").is_file()
+    assert "columns `image`, `conditioning_image`, `captions`" in (tmp_path / "out/README.md").read_text()
+
+
+def test_checkpoints_hold_loadable_controlnets(assets, tmp_path):
+    """checkpoint-N/controlnet/ is ControlNetModel.from_pretrained's format and holds the weights of step N."""
+    from diffusers import ControlNetModel
+
+    at = {}
+    train(assets, tmp_path, settings(max_train_steps=2, checkpointing_steps=1, resolution=32, num_validation_images=0),
+          on_step=lambda step, cn: at.__setitem__(step, {k: v.detach().clone() for k, v in cn.state_dict().items()}))
+    for step in (1, 2):
+        loaded = ControlNetModel.from_pretrained(str(tmp_path / f"ckpt/checkpoint-{step}/controlnet")).state_dict()
+        assert loaded.keys() == at[step].keys() and all(torch.equal(loaded[k], at[step][k]) for k in loaded), step
+    assert not all(torch.equal(at[1][k], at[2][k]) for k in at[1])
+    final = weights(tmp_path / "out")
+    assert all(torch.equal(final[k], at[2][k]) for k in final)
 
 
 def test_saved_model_loads_and_generates(assets, tmp_path):
@@ -388,7 +449,7 @@ def test_mixed_precision_keeps_controlnet_fp32(assets, tmp_path):
     assert summary["mixed_precision"] == "bf16" and summary["finished"]
     assert summary["controlnet_dtype"] == "float32" and summary["frozen_dtype"] == "bfloat16"
     assert np.isfinite(summary["final_loss"]) and (tmp_path / "logs/plots/images/validation/step-2.png").is_file()
-    lrs = [v for _, v in T.read_tsv(tmp_path / "logs/plots/metrics/train/lr.tsv")]
+    lrs = [v for _, v in L.read_tsv(tmp_path / "logs/plots/metrics/train/lr.tsv")]
     assert lrs == [pytest.approx(1e-3), pytest.approx(0.0, abs=1e-12)]  # warm-up to 1e-3, cosine to 0 at step 2
 
 
@@ -419,8 +480,8 @@ def test_stage_end_to_end(workdir):
     assert manifest["name"] == "controlnet" and manifest["standin"] is True
     assert sorted(p.name for p in (root / S.CHECKPOINTS_DIR).iterdir()) == ["checkpoint-2", "checkpoint-4"]
     logs = root / S.LOG_DIR
-    assert [r[0] for r in T.read_tsv(logs / "plots/metrics/train/loss.tsv")] == [1, 2, 3, 4]
-    assert [v for _, v in T.read_tsv(logs / "plots/metrics/train/lr.tsv")] == [1e-4] * 4
+    assert [r[0] for r in L.read_tsv(logs / "plots/metrics/train/loss.tsv")] == [1, 2, 3, 4]
+    assert [v for _, v in L.read_tsv(logs / "plots/metrics/train/lr.tsv")] == [1e-4] * 4
     assert read_json(logs / "metrics.json")["step"] == 4
     assert sorted(p.name for p in (logs / "plots/images/validation").iterdir()) == ["latest.png", "step-2.png", "step-4.png"]
     # rows: the 2 validation conditions with their captions, then the 2 extra prompts on the first condition

@@ -14,6 +14,7 @@ from test_train_controlnet import write_dataset
 from pipelines.model_store import make_standin
 from pipelines.reports import read_json
 from pipelines.training import controlnet as T
+from pipelines.training import loop as L
 
 pytestmark = pytest.mark.slow
 HELPER = Path(__file__).parent / "helpers" / "train_ddp.py"
@@ -47,8 +48,8 @@ def test_two_processes_train_and_resume(tmp_path: Path, repo_root: Path) -> None
     summaries = [read_json(run / f"summary-{r}.json") for r in (0, 1)]
     for s in summaries:
         assert s["num_processes"] == 2 and s["global_step"] == 4 and s["finished"] and s["resumed_from"] is None
-    assert [step for step, _ in T.read_tsv(run / "logs/plots/metrics/train/loss.tsv")] == [1, 2, 3, 4]
-    assert [step for step, _ in T.list_checkpoints(run / "ckpt")] == [2, 4]
+    assert [step for step, _ in L.read_tsv(run / "logs/plots/metrics/train/loss.tsv")] == [1, 2, 3, 4]
+    assert [step for step, _ in L.list_checkpoints(run / "ckpt")] == [2, 4]
     assert sorted(p.name for p in (run / "logs/plots/images/validation").iterdir()) == ["latest.png", "step-4.png"]
     assert state_digest(ControlNetModel.from_pretrained(str(run / "out"))) == digests[0]  # the main process saved it
 
@@ -61,8 +62,8 @@ def test_two_processes_train_and_resume(tmp_path: Path, repo_root: Path) -> None
         assert s["resumed_from"].endswith("checkpoint-4") and s["steps_this_run"] == 2 and s["global_step"] == 6
     digests = [(run / f"digest-{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
-    assert [step for step, _ in T.read_tsv(run / "logs/plots/metrics/train/loss.tsv")] == [1, 2, 3, 4, 5, 6]
-    assert [step for step, _ in T.list_checkpoints(run / "ckpt")] == [4, 6]
+    assert [step for step, _ in L.read_tsv(run / "logs/plots/metrics/train/loss.tsv")] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in L.list_checkpoints(run / "ckpt")] == [4, 6]
     assert state_digest(ControlNetModel.from_pretrained(str(run / "out"))) == digests[0]
 
 
@@ -75,4 +76,4 @@ def test_two_processes_stop_together_on_a_non_finite_loss(tmp_path: Path, repo_r
     proc = torchrun(repo_root, tmp_path, learning_rate=1e30, checkpointing_steps=1)
     assert proc.returncode != 0
     assert proc.stderr.count("NonFiniteTraining: train_controlnet: the loss is") == 2, proc.stderr[-3000:]
-    assert not (tmp_path / "run/out").exists() and [s for s, _ in T.list_checkpoints(tmp_path / "run/ckpt")] == [1]
+    assert not (tmp_path / "run/out").exists() and [s for s, _ in L.list_checkpoints(tmp_path / "run/ckpt")] == [1]
