@@ -26,7 +26,7 @@ def conditions():
 
 
 @pytest.mark.parametrize("scheduler,guidance_scale,negative,cond_scale", [
-    ("unipc", 7.5, "", 1.0), ("ddim", 5.0, "blurry", 0.6), ("euler", 1.0, "", 1.0)])
+    ("unipc", 7.5, "", 1.0), ("ddim", 5.0, "blurry", 0.6), ("euler", 1.0, "", 1.0), ("dpm", 7.5, "", 1.0)])
 def test_plain_cfg_gives_the_diffusers_pipeline_images(pipe, conditions, scheduler, guidance_scale, negative,
                                                        cond_scale):
     pipe.scheduler = G.make_scheduler(scheduler, pipe.scheduler.config)

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from test_reports import assert_readable_metrics
 
 from pipelines import generation as G
+from pipelines.errors import PipelineError
 from pipelines.facesynthetics_dataset import SCHEMA
 from pipelines.hfdata import ParquetShardWriter
 from pipelines.model_store import make_standin
@@ -29,6 +30,9 @@ RES = 64
 SECTION = yaml.safe_load("""
 train_controlnet:
   pretrained_model: data/models/sd_base
+  image_column: image
+  conditioning_image_column: conditioning_image
+  caption_column: text
   gradient_accumulation_steps: 1
   gradient_checkpointing: false
   checkpoints_total_limit: 2
@@ -509,6 +513,17 @@ def test_stage_end_to_end(workdir):
     assert again["steps_this_run"] == 0 and again["resumed_from"].endswith("checkpoint-4")
     after = weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stage_reads_the_columns_from_params(workdir):
+    """train_controlnet.caption_column (etc.) reaches the loop: a column the dataset lacks stops the stage with one
+    line naming the key's argument, before any model is written."""
+    root, params = workdir
+    params["train_controlnet"]["caption_column"] = "caption"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError, match=r"has no column 'caption' \(caption_column\)"):
+        S.main([])
+    assert not (root / S.OUTPUT_DIR).exists()
 
 
 def test_params_profiles_and_errors(workdir):

@@ -22,6 +22,9 @@ class TrainControlNetConfig:
     FROM_OTHER_SECTIONS: ClassVar[dict[str, str]] = {"validation_extra_prompts": PROMPTS_KEY}
 
     pretrained_model: str  # a local folder written by fetch_generation_models (data/models/sd_base)
+    image_column: str  # the dataset's columns (diffusers' --image_column etc.), checked against it before training
+    conditioning_image_column: str
+    caption_column: str  # one string per row, or a list (one drawn per sample in training, the first in validation)
     resolution: int
     learning_rate: float
     train_batch_size: int  # per process
