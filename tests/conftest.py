@@ -24,6 +24,19 @@ def one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def fresh_accelerate():
+    """accelerate's process-global state reset before and after the test (each in-process training run builds its
+    own Accelerator)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
 

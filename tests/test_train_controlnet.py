@@ -86,15 +86,7 @@ def write_dataset(out, n_train: int = 4, n_val: int = 2) -> None:
             w.write(row(f"{100 + k:06d}", 10 + k))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # accelerate's global state reset around each test
 
 
 @pytest.fixture(scope="module")

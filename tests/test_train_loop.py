@@ -59,15 +59,7 @@ class LinearTask:
         (out_dir / "README.md").write_text(f"toy, {steps} steps, final loss {metrics['final_loss']:.6g}\n")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # accelerate's global state reset around each test
 
 
 def settings(**kw) -> L.LoopSettings:
