@@ -510,9 +510,8 @@ def test_stage_end_to_end(workdir):
 def test_stage_reads_the_columns_from_params(workdir):
     """train_controlnet.caption_column (etc.) reaches the loop: a column the dataset lacks stops the stage with one
     line naming the key's argument, before any model is written."""
-    root, params = workdir
-    params["train_controlnet"]["caption_column"] = "caption"
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    root, _ = workdir
+    set_param(workdir, "train_controlnet.caption_column", "caption")
     with pytest.raises(PipelineError, match=r"has no column 'caption' \(caption_column\)"):
         S.main([])
     assert not (root / S.OUTPUT_DIR).exists()
@@ -549,9 +548,8 @@ def test_params_profiles_and_errors(workdir):
 
 
 def test_fp16_on_the_cpu_is_refused_before_training(workdir):
-    root, params = workdir
-    params["train_controlnet"]["mixed_precision"] = "fp16"
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    root, _ = workdir
+    set_param(workdir, "train_controlnet.mixed_precision", "fp16")
     with pytest.raises(ParamError, match=r"train_controlnet\.mixed_precision: fp16 needs a GPU"):
         S.main([])
     assert not (root / S.CHECKPOINTS_DIR).exists()
@@ -571,10 +569,16 @@ def captured(workdir, monkeypatch):
     return seen
 
 
-def set_device(workdir, device):
+def set_param(workdir, key: str, value) -> None:
+    """Set ``section.key`` in the work folder's params.yaml (and in the fixture's dict)."""
     root, params = workdir
-    params["base"]["device"] = device
+    section, name = key.split(".")
+    params[section][name] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def set_device(workdir, device):
+    set_param(workdir, "base.device", device)
 
 
 def fake_gpus(monkeypatch, n):
