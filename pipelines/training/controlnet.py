@@ -103,23 +103,32 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def make_transform(tokenizer: Any, resolution: int, image_column: str = "image",
-                   conditioning_image_column: str = "conditioning_image",
-                   caption_column: str = "text") -> Callable[[dict], dict]:
+class RowTransform:
     """The per-row transform of the diffusers ControlNet contract: a dataset row (``image_column``,
     ``conditioning_image_column``, ``caption_column``) -> ``pixel_values``, ``conditioning_pixel_values``,
     ``input_ids``: ``(L,)`` for a string caption, ``(K, L)`` for a list of ``K`` (one is drawn per micro-step,
-    :func:`~pipelines.training.data.pick_captions`)."""
-    img, cond = image_transform(resolution), condition_transform(resolution)
+    :func:`~pipelines.training.data.pick_captions`). A class, not a closure, so that DataLoader workers started
+    by ``spawn`` or ``forkserver`` (a spawned benchmark process, Python 3.14's default) can receive it."""
 
-    def transform(row: dict) -> dict:
+    def __init__(self, tokenizer: Any, resolution: int, image_column: str = "image",
+                 conditioning_image_column: str = "conditioning_image", caption_column: str = "text"):
+        self.tokenizer, self.columns = tokenizer, (image_column, conditioning_image_column, caption_column)
+        self.image, self.condition = image_transform(resolution), condition_transform(resolution)
+
+    def __call__(self, row: dict) -> dict:
+        image_column, conditioning_image_column, caption_column = self.columns
         caption = row[caption_column]
-        ids = tokenize(tokenizer, caption_options(caption))
-        return {"pixel_values": img(row[image_column].convert("RGB")),
-                "conditioning_pixel_values": cond(row[conditioning_image_column].convert("RGB")),
+        ids = tokenize(self.tokenizer, caption_options(caption))
+        return {"pixel_values": self.image(row[image_column].convert("RGB")),
+                "conditioning_pixel_values": self.condition(row[conditioning_image_column].convert("RGB")),
                 "input_ids": ids[0] if isinstance(caption, str) else ids}
 
-    return transform
+
+def make_transform(tokenizer: Any, resolution: int, image_column: str = "image",
+                   conditioning_image_column: str = "conditioning_image",
+                   caption_column: str = "text") -> Callable[[dict], dict]:
+    """The :class:`RowTransform` of these columns at ``resolution``."""
+    return RowTransform(tokenizer, resolution, image_column, conditioning_image_column, caption_column)
 
 
 # --- models -----------------------------------------------------------------------------------------------
