@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 SPIGA_VERSION := 0.0.6
 
-.PHONY: demo test real lint bench publish env lock clean-env help
+.PHONY: demo test real lint bench publish env lock clean-env help gpu-wheels gpu-check
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ -/'
 
@@ -52,6 +52,24 @@ bench: $(BIN)/.installed  ## re-measure the benchmarks (reports/bench/): annotat
 
 publish: $(BIN)/.installed  ## upload a dataset to the Hub (side effects; not in dvc repro): make publish ARGS="--repo-id user/name [--dry-run]"
 	$(BIN)/python -m stages.publish $(ARGS)
+
+# The prepared GPU check (README "GPU check"). It runs on a bare GPU machine's own python (torch, transformers,
+# accelerate there), not in .venv: the wheels it lacks come from `make gpu-wheels` (here, online) and are installed
+# into GPU_SITE, first on PYTHONPATH, when that python cannot import diffusers. ARGS: e.g. --profile sample (the CPU
+# self-check), --budget-s 300, --only annotate caption.
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/facecontrol-site
+GPU_WHEELS ?= .whl
+gpu-wheels: $(BIN)/.installed  ## download the wheels the GPU check needs on a bare GPU machine (python 3.12) into .whl/
+	$(BIN)/python -m pipelines.gpucheck.wheels $(GPU_WHEELS)
+
+gpu-check:  ## time every GPU path at the real models' sizes, offline, within 8 min (writes reports/bench/gpu/)
+	if ! $(GPU_PYTHON) -c "import diffusers" 2>/dev/null; then \
+	  test -d $(GPU_WHEELS) || { echo "gpu-check: $(GPU_PYTHON) has no diffusers and $(GPU_WHEELS)/ is missing: run make gpu-wheels first"; exit 2; }; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; \
+	  export PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH}; \
+	fi; \
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m stages.gpu_check $(ARGS)
 
 clean-env:  ## remove the virtual environment
 	rm -rf $(VENV)

@@ -37,7 +37,8 @@ STAGES = {
     "bench_train_controlnet": ("stages.bench_train_controlnet", "BenchTrainConfig", "bench_train_controlnet"),
 }
 # commands that read params but are not DVC stages (side effects): name -> (module, config class, section)
-COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish")}
+COMMANDS = {"publish": ("stages.publish", "PublishConfig", "publish"),
+            "gpu_check": ("stages.gpu_check", "GpuCheckConfig", "gpu_check")}
 SECTIONS = sorted({section for _, _, section in STAGES.values()})
 
 
