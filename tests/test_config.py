@@ -33,6 +33,7 @@ STAGES = {
                                 "headpose_facesynthetics"),
     "headpose_photos": ("stages.headpose_photos", "HeadposePhotosConfig", "headpose_photos"),
     "validate_headpose": ("stages.validate_headpose", "ValidateHeadposeConfig", "validate_headpose"),
+    "celeba": ("stages.celeba", "CelebAConfig", "celeba"),
     "train_controlnet": ("stages.train_controlnet", "TrainControlNetConfig", "train_controlnet"),
     "bench_train_controlnet": ("stages.bench_train_controlnet", "BenchTrainConfig", "bench_train_controlnet"),
 }

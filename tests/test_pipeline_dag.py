@@ -218,6 +218,23 @@ def test_coco_humans_dataset(sample_run):
     assert report["rows"]["train"] == 3
 
 
+def test_celeba_dataset(sample_run):
+    """The celeba stage's dataset loads with datasets' own loader: CelebA's three splits, 64x64 images, the 40
+    attributes; the two broken sample entries skipped by reason."""
+    import datasets
+
+    from pipelines.sources.celeba import ATTRIBUTES
+
+    work, _, _ = sample_run
+    ds = datasets.load_dataset(str(work / "data/datasets/celeba"))
+    report = json.loads((work / "reports/datasets/celeba.json").read_text())
+    assert set(ds) == {"train", "validation", "test"}
+    assert {k: ds[k].num_rows for k in ds} == {k: report["rows"][k] for k in ds} and report["rows"]["total"] == 48
+    row = ds["train"][0]
+    assert row["image"].size == (64, 64) and len(row["attributes"]) == len(ATTRIBUTES) == 40
+    assert report["skipped"]["missing_image"] == 1 and report["skipped"]["corrupt_image"] == 1
+
+
 def test_headpose_sets_and_validation(sample_run):
     import datasets
 
