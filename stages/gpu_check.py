@@ -14,7 +14,8 @@ Everything runs under one time budget (``gpu_check.budget_s``), each measurement
 process that is cut at the cap with what it had measured (:mod:`pipelines.gpucheck.runner`); out of memory is
 recorded, not fatal. Writes one JSON per measurement and ``summary.json`` (a table and the 100,000-face
 annotate + caption + assemble projection) under ``--out`` (default reports/bench/gpu/), and prints the table.
-``--profile sample`` is the CPU self-check: tiny stand-ins, a few images, a 60 s budget (tests run it).
+It runs the ``real`` profile whatever ``base.profile`` says; ``--profile sample`` is the CPU self-check: tiny
+stand-ins, a few images, a 60 s budget (tests run it).
 """
 from __future__ import annotations
 
@@ -247,7 +248,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = C.cli(__doc__, argv, _options)
     params = C.read_params(args.params, PARAMS)
-    base, cfg = C.load(GpuCheckConfig, "gpu_check", params, args.profile)
+    # the real sizes unless --profile says otherwise: base.profile is the DAG's switch, not this check's
+    base, cfg = C.load(GpuCheckConfig, "gpu_check", params, args.profile or "real")
     budget = cfg.budget_s if args.budget_s is None else args.budget_s
     if budget <= 0:
         raise C.ParamError(f"--budget-s: must be > 0, got {budget}")

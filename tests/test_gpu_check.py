@@ -276,3 +276,16 @@ def test_gpu_check_refuses_a_python_without_diffusers_and_without_wheels(tmp_pat
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "has no diffusers" in run.stdout and "make gpu-wheels" in run.stdout
+
+
+def test_the_check_runs_the_real_profile_unless_told(tmp_path):
+    """``make gpu-check`` on a GPU machine times the real sizes, whatever base.profile (the DAG's switch) says."""
+    params = write_committed_params(tmp_path / "params.yaml")
+    assert committed_params()["base"]["profile"] == "sample"
+    run = subprocess.run([sys.executable, "-m", "stages.gpu_check", "--params", str(params), "--out",
+                          str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--budget-s", "3",
+                          "--only", "build_models"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "build_models.json").read_text())
+    assert record["profile"] == "real" and record["sizes"] == "real" and record["budget_s"] == 3
+    assert record["status"] in ("cut", "skipped")  # 3 s do not build SD 2.1-base
