@@ -37,9 +37,11 @@ MODEL_DIRS = {"spiga": "spiga/spiga_300wpublic.pt", "blip": "blip", "sd_base": "
 
 
 def _device(name: str) -> torch.device:
-    from pipelines.devices import resolve_device
+    """The device ``name`` resolves to, with the stages' process settings (:func:`pipelines.runtime.init_runtime`:
+    TF32 and cuDNN autotuning on CUDA, seeds), which both paths of a comparison then share."""
+    from pipelines.runtime import init_runtime
 
-    return resolve_device(name)
+    return init_runtime(name, "fp32").device
 
 
 def _sync(device: torch.device) -> None:
