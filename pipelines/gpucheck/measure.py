@@ -9,6 +9,7 @@ samples rendered by code as 512 px PNGs, decoded from disk like the real ones.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -16,7 +17,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipelines.gpucheck.runner import Probe, SkipMeasurement
+from pipelines.reports import package_versions
 
 SIZES = ("real", "tiny")
 IMAGE_SIZE = 512  # the FaceSynthetics set's side, as the stages read it
@@ -93,19 +94,12 @@ def landmark_drift(reference: dict[str, np.ndarray], other: dict[str, np.ndarray
             "faces": len(common)}
 
 
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment() -> dict:
     """The machine the check ran on: device name and memory, driver, torch, CUDA and cuDNN, packages, CPUs."""
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                             "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
                             "cuda_available": torch.cuda.is_available(),
-                            "packages": {p: _version(p) for p in PACKAGES}}
+                            "packages": package_versions(PACKAGES)}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device_name=props.name, device_memory_gib=props.total_memory / 1024 ** 3,
@@ -296,7 +290,7 @@ def annotate(probe: Probe, *, work_dir: str, device: str, batch_size: int, num_w
     dev = _device(device)
     samples = list_samples(sample_dir(work_dir))[:num_images]
     weights = model_paths(work_dir)["spiga"]
-    load = _partial(load_face, image_size=IMAGE_SIZE, box_margin=box_margin, min_box_inside=min_box_inside)
+    load = functools.partial(load_face, image_size=IMAGE_SIZE, box_margin=box_margin, min_box_inside=min_box_inside)
     landmarks: dict[str, np.ndarray] = {}
     for precision in _precisions(dev):
         spiga = SpigaAnnotator.load(weights, dev, precision)
@@ -333,12 +327,6 @@ def annotate(probe: Probe, *, work_dir: str, device: str, batch_size: int, num_w
     probe.put("original.fp32", {"images_per_s": len(originals) / seconds, "seconds": seconds, "batch_size": 1})
 
 
-def _partial(fn: Callable, **kwargs: Any) -> Callable:
-    import functools
-
-    return functools.partial(fn, **kwargs)
-
-
 def caption(probe: Probe, *, work_dir: str, device: str, precision: str, batch_size: int, num_workers: int,
             num_images: int, num_original: int) -> None:
     """BLIP: the caption stage's sharded map (decoding and the image processor in workers, one ``generate``
@@ -359,7 +347,7 @@ def caption(probe: Probe, *, work_dir: str, device: str, precision: str, batch_s
     precision = resolve_precision(precision, dev)
     blip = BlipCaptioner.load(model_paths(work_dir)["blip"], dev, precision)
     samples = list_samples(sample_dir(work_dir))[:num_images]
-    load = _partial(load_caption_input, image_size=IMAGE_SIZE, image_processor=blip.processor.image_processor)
+    load = functools.partial(load_caption_input, image_size=IMAGE_SIZE, image_processor=blip.processor.image_processor)
     infer = caption_batch_fn(blip)
     infer([load(s) for s in samples[:batch_size]])  # warm-up
     _reset_peak(dev)
