@@ -19,14 +19,14 @@ import logging
 import os
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal
 
 from pipelines.errors import PipelineError
 from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.training.bench import BASELINE, config_name, run_matrix
-from stages.config import ParamError, cli, load, positive, read_params, run
+from stages.config import cli, load, read_params, run
+from stages.schemas.bench_train import BenchTrainConfig
 from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig, training_device
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
@@ -37,32 +37,6 @@ REPORT = Path("reports/bench/train_controlnet.json")
 STANDIN_WARNING = "stand-in tiny UNet: speed says nothing about SD 2.1-base"
 CPU_NOTE = "CPU; peak memory is process RSS (imported libraries included: see rss_at_start_gib)"
 log = logging.getLogger("stages.bench_train_controlnet")
-
-
-@dataclass(frozen=True)
-class BenchTrainConfig:
-    """The ``bench_train_controlnet`` section of params.yaml; the matrix is ``mixed_precision`` x
-    ``gradient_checkpointing`` and must hold the baseline (fp32, false)."""
-
-    resolution: int
-    train_batch_size: int  # per process (the bench runs one process)
-    warmup_steps: int  # untimed optimizer steps first (allocation, autotuning)
-    timed_steps: int
-    mixed_precision: list[Literal["fp32", "fp16", "bf16"]]
-    gradient_checkpointing: list[bool] = field(default_factory=lambda: [False, True])
-
-    def validate(self, prefix: str = "bench_train_controlnet") -> None:
-        """Reject values that cannot work, naming the key."""
-        positive(prefix, resolution=self.resolution, train_batch_size=self.train_batch_size,
-                 warmup_steps=self.warmup_steps, timed_steps=self.timed_steps)
-        if self.resolution % 8:
-            raise ParamError(f"{prefix}.resolution: must be a multiple of 8, got {self.resolution}")
-        for key, baseline in zip(("mixed_precision", "gradient_checkpointing"), BASELINE, strict=True):
-            values = getattr(self, key)
-            if len(set(values)) != len(values):
-                raise ParamError(f"{prefix}.{key}: repeated values in {values!r}")
-            if baseline not in values:
-                raise ParamError(f"{prefix}.{key}: must include {baseline!r} (the baseline of the ratios), got {values!r}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from pipelines.gpucheck.runner import Measurement, run_measurements
 from pipelines.reports import write_json
 from pipelines.standins import STANDIN_NOTE
 from stages import config as C
+from stages.schemas.bench_train import BenchTrainConfig
 
 PARAMS = ("base.profile", "base.seed", "base.device", "gpu_check", "annotate.batch_size", "annotate.num_workers",
           "annotate.precision", "annotate.box_margin", "annotate.min_box_inside", "caption.batch_size",
@@ -54,20 +55,6 @@ class SampleSettings:
 
 
 @dataclass(frozen=True)
-class TrainBenchSettings:
-    resolution: int
-    train_batch_size: int
-    warmup_steps: int
-    timed_steps: int
-    mixed_precision: list[Literal["fp32", "fp16", "bf16"]]
-    gradient_checkpointing: list[bool] = field(default_factory=lambda: [False, True])
-
-    def validate(self, prefix: str) -> None:
-        C.positive(prefix, resolution=self.resolution, train_batch_size=self.train_batch_size,
-                   warmup_steps=self.warmup_steps, timed_steps=self.timed_steps)
-
-
-@dataclass(frozen=True)
 class GpuCheckConfig:
     """The ``gpu_check`` section of params.yaml (and the stage settings it times, from their sections)."""
 
@@ -79,7 +66,7 @@ class GpuCheckConfig:
     features_batch_size: int
     caps_s: dict[str, float]
     sample: SampleSettings
-    train: TrainBenchSettings
+    train: BenchTrainConfig  # the training matrix, as bench_train_controlnet's
     annotate_batch_size: int = 1
     annotate_num_workers: int = 0
     annotate_precision: str = "fp32"

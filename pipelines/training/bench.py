@@ -17,12 +17,14 @@ import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipelines.runtime import synchronize
-from pipelines.training.controlnet import TrainSettings, train_controlnet
+
+if TYPE_CHECKING:  # the trainer (diffusers, datasets) is imported where a measurement runs, not with BASELINE
+    from pipelines.training.controlnet import TrainSettings
 
 log = logging.getLogger("pipelines.training.bench")
 GIB = 1024 ** 3
@@ -40,6 +42,8 @@ def measure_training(settings: TrainSettings, pretrained_dir: str | Path, datase
     held before, imported libraries included), so call it in a fresh process. ``step_seconds`` lists the
     timed steps one by one (an outlier there is another program's doing on a shared machine).
     """
+    from pipelines.training.controlnet import train_controlnet
+
     if warmup_steps < 1 or timed_steps < 1:
         raise ValueError(f"warmup_steps and timed_steps must be >= 1, got {warmup_steps} and {timed_steps}")
     total = warmup_steps + timed_steps
