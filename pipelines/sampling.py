@@ -1,7 +1,12 @@
 """Our own denoising loop over a diffusers scheduler and the diffusers model classes, with a seam for guidance.
 
-:func:`sample` runs text classifier-free guidance, optional ControlNet residuals, in latent space (with a VAE)
-or pixel space (``vae=None``: the UNet denoises the image itself), one seeded noise draw per image. With plain
+One loop (``_denoise``) serves every conditioned denoiser: the condition is the model's keyword arguments
+(``encoder_hidden_states`` for a text UNet, plus ``controlnet_cond`` for a ControlNet's residuals; ``condition``
+for the attribute DDPM of :mod:`pipelines.ddpm`), with an optional null condition for classifier-free guidance
+``eps = eps_null + w (eps_cond - eps_null)``. :func:`sample` is its text front: text classifier-free guidance,
+optional ControlNet residuals, in latent space (with a VAE) or pixel space (``vae=None``: the UNet denoises the
+image itself), one seeded noise draw per image; :func:`sample_conditioned` takes the condition tensors as they
+are. With plain
 CFG it makes the images of ``StableDiffusionControlNetPipeline`` at the same seeds (tests/test_sampling.py):
 the same noise (``randn_tensor`` with one generator per image), prompt encoding, scheduler calls and dtypes.
 
@@ -25,13 +30,15 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class SamplerModels:
-    """The parts :func:`sample` runs: a ``UNet2DConditionModel``, a diffusers scheduler, the CLIP text encoder
-    and its tokenizer, and optionally an ``AutoencoderKL`` (None: pixel space) and a ``ControlNetModel``."""
+    """The parts the loop runs: a denoiser (``UNet2DConditionModel``; for :func:`sample_conditioned` any module
+    called ``unet(x, t, **condition, return_dict=False)[0]`` whose ``config.in_channels`` is the image's channel
+    count), a diffusers scheduler, the CLIP text encoder and its tokenizer (None without text), and optionally an
+    ``AutoencoderKL`` (None: pixel space) and a ``ControlNetModel``."""
 
     unet: Any
     scheduler: Any
-    text_encoder: Any
-    tokenizer: Any
+    text_encoder: Any = None
+    tokenizer: Any = None
     vae: Any = None
     controlnet: Any = None
 
@@ -60,7 +67,7 @@ class GuidanceContext:
     noise_pred: torch.Tensor  # the predicted noise after CFG
     pred_x0: torch.Tensor  # the predicted clean sample (latents, or the image in [-1, 1] in pixel space)
     alpha_prod: torch.Tensor  # alpha-bar of this step (the signal share of x_t in variance-preserving form)
-    prompt_embeds: torch.Tensor  # the conditional text embeddings, one row per image
+    prompt_embeds: torch.Tensor | None  # the conditional text embeddings, one row per image (None: no text)
     models: SamplerModels
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -141,70 +148,120 @@ def sample(models: SamplerModels, prompts: Sequence[str], seeds: Sequence[int], 
         raise ValueError(f"{n} prompts, {len(seeds)} seeds and {got} conditions: give one of each per image")
     if (models.controlnet is None) != (conditions is None):
         raise ValueError("conditions are needed with a ControlNet, and only with one")
-    if resolution % models.scale_factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downscale {models.scale_factor}")
-    grad = any(term.needs_grad for term in guidance)
+    device = models.unet.device
+    with _grad_mode(models, guidance):
+        embeds = encode_prompts(models, prompts, device)
+        condition: dict[str, torch.Tensor] = {"encoder_hidden_states": embeds}
+        null = None
+        if guidance_scale > 1:  # diffusers' convention: no unconditional pass at a scale of 1 or less
+            null = {"encoder_hidden_states": encode_prompts(models, [negative_prompt] * n, device)}
+        if conditions is not None:
+            control = conditions.to(device=device, dtype=models.controlnet.dtype)
+            condition["controlnet_cond"] = control
+            if null is not None:
+                null["controlnet_cond"] = control
+        return _denoise(models, condition, null, seeds, resolution, num_inference_steps, guidance_scale,
+                        controlnet_conditioning_scale, guidance, generator_device, eta, embeds.dtype)
+
+
+def sample_conditioned(models: SamplerModels, condition: dict[str, torch.Tensor],
+                       null_condition: dict[str, torch.Tensor] | None, seeds: Sequence[int], resolution: int,
+                       num_inference_steps: int, guidance_scale: float = 1.0, guidance: Sequence[GuidanceTerm] = (),
+                       generator_device: str = "cpu", eta: float = 0.0) -> torch.Tensor:
+    """Images from any conditioned denoiser (``models.unet(x, t, **condition)``, e.g. an attribute-conditioned
+    pixel-space DDPM), one per seed: (N, 3, ``resolution``, ``resolution``) in [0, 1].
+
+    ``condition`` and ``null_condition`` are the model's keyword arguments, batch-first tensors with one row per
+    image. Classifier-free guidance is ``eps = eps_null + guidance_scale * (eps_cond - eps_null)``: a scale of 1 is
+    the conditional model alone (one pass), 0 the null condition alone (one pass), anything else both passes in
+    one doubled batch. ``null_condition=None``: the conditional model alone at any scale (an unconditional
+    network takes ``condition={}``). Noise per image from its own seed, as :func:`sample`; latents take the
+    model's dtype.
+    """
+    n = len(seeds)
+    for name, rows in [*condition.items(), *(null_condition or {}).items()]:
+        if len(rows) != n:
+            raise ValueError(f"condition {name!r} has {len(rows)} rows for {n} seeds: give one per image")
+    with _grad_mode(models, guidance):
+        return _denoise(models, condition, null_condition, seeds, resolution, num_inference_steps, guidance_scale,
+                        1.0, guidance, generator_device, eta, models.unet.dtype)
+
+
+def _grad_mode(models: SamplerModels, guidance: Sequence[GuidanceTerm]) -> Any:
+    """``no_grad`` when a term needs autograd (it enables it per step), else ``inference_mode``; checks that
+    guidance terms meet an epsilon-predicting model."""
     if guidance and models.scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"guidance terms need an epsilon-predicting model, not "
                          f"{models.scheduler.config.prediction_type!r}")
-    with torch.no_grad() if grad else torch.inference_mode():
-        return _denoise(models, prompts, seeds, resolution, num_inference_steps, guidance_scale, conditions,
-                        controlnet_conditioning_scale, negative_prompt, guidance, generator_device, eta, grad)
+    return torch.no_grad() if any(term.needs_grad for term in guidance) else torch.inference_mode()
 
 
-def _denoise(models: SamplerModels, prompts: Sequence[str], seeds: Sequence[int], resolution: int, steps: int,
-             guidance_scale: float, conditions: torch.Tensor | None, cond_scale: float, negative_prompt: str,
-             guidance: Sequence[GuidanceTerm], generator_device: str, eta: float, grad: bool) -> torch.Tensor:
+def _cfg_passes(null: dict | None, guidance_scale: float) -> str:
+    """Which passes a step runs: ``cond`` alone, ``null`` alone (scale 0), or ``both`` (combined)."""
+    if null is None or guidance_scale == 1:
+        return "cond"
+    return "null" if guidance_scale == 0 else "both"
+
+
+def _denoise(models: SamplerModels, condition: dict[str, torch.Tensor], null: dict[str, torch.Tensor] | None,
+             seeds: Sequence[int], resolution: int, steps: int, guidance_scale: float, cond_scale: float,
+             guidance: Sequence[GuidanceTerm], generator_device: str, eta: float, dtype: torch.dtype) -> torch.Tensor:
+    """The one denoising loop: seeded noise, then per timestep the (CFG-combined) noise prediction, the guidance
+    terms' corrections and the scheduler's step; the clean sample decoded to [0, 1]."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    unet, scheduler, n = models.unet, models.scheduler, len(prompts)
+    if resolution % models.scale_factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downscale {models.scale_factor}")
+    unet, scheduler, n = models.unet, models.scheduler, len(seeds)
     device = unet.device
-    cfg = guidance_scale > 1
-    embeds = encode_prompts(models, prompts, device)
-    both = torch.cat([encode_prompts(models, [negative_prompt] * n, device), embeds]) if cfg else embeds
-    if conditions is not None:
-        conditions = conditions.to(device=device, dtype=models.controlnet.dtype)
-        conditions = torch.cat([conditions] * 2) if cfg else conditions
+    grad = any(term.needs_grad for term in guidance)
+    passes = _cfg_passes(null, guidance_scale)
+    batch_condition = {"cond": condition, "null": null,
+                       "both": {k: torch.cat([null[k], v]) for k, v in condition.items()} if passes == "both" else None
+                       }[passes]
+    batch_condition = {k: v.to(device) for k, v in batch_condition.items()}
     scheduler.set_timesteps(steps, device=device)
     size = resolution // models.scale_factor
     generators = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
     latents = randn_tensor((n, unet.config.in_channels, size, size), generator=generators, device=device,
-                           dtype=embeds.dtype) * scheduler.init_noise_sigma
+                           dtype=dtype) * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generators, eta)
     for i, t in enumerate(scheduler.timesteps):
         if grad:
             latents = latents.detach().requires_grad_(True)
         with torch.enable_grad() if grad else contextlib.nullcontext():
-            noise_pred, model_input = _predict_noise(models, latents, t, both, conditions, cond_scale,
-                                                     guidance_scale if cfg else None)
+            noise_pred, model_input = _predict_noise(models, latents, t, batch_condition, cond_scale, passes,
+                                                     guidance_scale)
             if guidance:
                 noise_pred = noise_pred + _corrections(models, guidance, i, t, latents, model_input, noise_pred,
-                                                       embeds)
+                                                       condition.get("encoder_hidden_states"))
         latents = scheduler.step(noise_pred.detach(), t, latents.detach(), **step_kwargs, return_dict=False)[0]
     return decode(models, latents)
 
 
-def _predict_noise(models: SamplerModels, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-                   conditions: torch.Tensor | None, cond_scale: float,
-                   guidance_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (CFG-combined when ``guidance_scale`` is set) noise prediction and the scaled model input of x_t."""
-    batch = torch.cat([latents] * 2) if guidance_scale is not None else latents
+def _predict_noise(models: SamplerModels, latents: torch.Tensor, t: torch.Tensor, condition: dict[str, torch.Tensor],
+                   cond_scale: float, passes: str, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (CFG-combined when both passes run) noise prediction and the scaled model input of x_t."""
+    both = passes == "both"
+    batch = torch.cat([latents] * 2) if both else latents
     batch = models.scheduler.scale_model_input(batch, t)
-    residuals: dict[str, Any] = {}
-    if conditions is not None:
-        down, mid = models.controlnet(batch, t, encoder_hidden_states=embeds, controlnet_cond=conditions,
-                                      conditioning_scale=cond_scale, guess_mode=False, return_dict=False)
-        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-    noise_pred = models.unet(batch, t, encoder_hidden_states=embeds, return_dict=False, **residuals)[0]
-    if guidance_scale is None:
+    kwargs = dict(condition)
+    control = kwargs.pop("controlnet_cond", None)
+    if control is not None:
+        down, mid = models.controlnet(batch, t, encoder_hidden_states=kwargs["encoder_hidden_states"],
+                                      controlnet_cond=control, conditioning_scale=cond_scale, guess_mode=False,
+                                      return_dict=False)
+        kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    noise_pred = models.unet(batch, t, return_dict=False, **kwargs)[0]
+    if not both:
         return noise_pred, batch
-    uncond, text = noise_pred.chunk(2)
-    return uncond + guidance_scale * (text - uncond), batch.chunk(2)[1]
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + guidance_scale * (cond - uncond), batch.chunk(2)[1]
 
 
 def _corrections(models: SamplerModels, guidance: Sequence[GuidanceTerm], step: int, t: torch.Tensor,
                  latents: torch.Tensor, model_input: torch.Tensor, noise_pred: torch.Tensor,
-                 embeds: torch.Tensor) -> torch.Tensor:
+                 embeds: torch.Tensor | None) -> torch.Tensor:
     """The sum of the terms' corrections to the predicted noise at this step."""
     alpha = _alpha_prod(models.scheduler, t).to(device=latents.device, dtype=torch.float32)
     pred_x0 = (model_input - (1 - alpha).sqrt() * noise_pred) / alpha.sqrt()

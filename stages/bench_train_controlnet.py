@@ -25,9 +25,9 @@ from pathlib import Path
 from pipelines.errors import PipelineError
 from pipelines.reports import provenance, read_model_manifest, split_report, write_report
 from pipelines.training.bench import BASELINE, config_name, run_matrix
-from stages.config import cli, load, read_params, run
+from stages.config import cli, load, read_params, run, training_device
 from stages.schemas.bench_train import BenchTrainConfig
-from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig, training_device
+from stages.schemas.train_controlnet import PROMPTS_KEY, TrainControlNetConfig
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)
 PARAMS = ("base.profile", "base.seed", "base.device", "bench_train_controlnet", "train_controlnet", PROMPTS_KEY)

@@ -77,6 +77,27 @@ def check_precision(key: str, precision: str, device: str, device_key: str = "ba
                          "use auto (fp32 on the CPU), fp32 or bf16")
 
 
+def training_device(device: str, stage: str) -> Any:
+    """The device ``stage``'s training loop runs on for ``base.device``, resolved by the one resolver
+    (:func:`resolved_device`: ``auto`` is the GPU when there is one). A :class:`ParamError` names base.device for
+    a device accelerate does not train on here (mps), or for one GPU (``cuda:N``) when several processes were
+    launched (each takes its own local rank's GPU). In one process an explicit ``cuda:N`` is made the current
+    CUDA device, which is the one accelerate's ``cuda`` then means."""
+    import os
+
+    import torch
+
+    dev = resolved_device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ParamError(f"base.device: {device!r} is {dev.type} here; {stage} trains on cpu or cuda (via accelerate)")
+    if ":" in device:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ParamError(f"base.device: {device!r} names one GPU, but {stage} was launched as several processes "
+                             "(each takes its own GPU): use cuda or auto")
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def read_params(path: str | Path = PARAMS_FILE, keys: Iterable[str] | None = None) -> dict:
     """Load params.yaml (or another file with the same layout); with ``keys`` (dotted: a section or one key in
     it), only those, so a stage cannot read what it did not declare. A declared key missing from the file is a

@@ -37,12 +37,11 @@ from pipelines.reports import (
 )
 from pipelines.standins import STANDIN_NOTE
 from pipelines.training.controlnet import train_controlnet
-from stages.config import cli, load, read_params, run
+from stages.config import cli, load, read_params, run, training_device
 from stages.schemas.train_controlnet import (
     OVERFIT_EPOCHS,
     PROMPTS_KEY,
     TrainControlNetConfig,
-    training_device,
 )
 
 # the params keys this stage reads (dvc.yaml lists the same: tests/test_dvc_deps.py)

@@ -34,6 +34,7 @@ STAGES = {
     "headpose_photos": ("stages.headpose_photos", "HeadposePhotosConfig", "headpose_photos"),
     "validate_headpose": ("stages.validate_headpose", "ValidateHeadposeConfig", "validate_headpose"),
     "celeba": ("stages.celeba", "CelebAConfig", "celeba"),
+    "train_ddpm": ("stages.train_ddpm", "TrainDDPMConfig", "train_ddpm"),
     "train_controlnet": ("stages.train_controlnet", "TrainControlNetConfig", "train_controlnet"),
     "bench_train_controlnet": ("stages.bench_train_controlnet", "BenchTrainConfig", "bench_train_controlnet"),
 }
@@ -117,7 +118,7 @@ def test_dvc_stages_and_params_sections_match(repo_root):
     dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
     params = committed_params()
     assert set(dvc) == set(STAGES)
-    assert set(params) == {"base", "controlnets", *SECTIONS, *(section for _, _, section in COMMANDS.values())}
+    assert set(params) == {"base", "controlnets", "ddpm_runs", *SECTIONS, *(section for _, _, section in COMMANDS.values())}
     for name, stage in dvc.items():
         module, _, section = STAGES[name]
         stage = stage.get("do", stage)  # a foreach stage: its template
@@ -143,6 +144,17 @@ def test_every_generated_model_is_made_by_a_stage(repo_root):
     assert set(models) == {"uncannyfaces_25K", "controlnet_landmarks"}
     for model, folder in models.items():
         assert folder in outs, f"controlnets.{model}: {folder} is no stage's output"
+
+
+def test_every_ddpm_run_is_one_stage_with_a_known_conditioning(repo_root):
+    """train_ddpm runs once per ddpm_runs entry (name -> conditioning) and does not depend on the list itself."""
+    from pipelines.ddpm import CONDITIONINGS
+
+    dvc = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["train_ddpm"]
+    runs = committed_params()["ddpm_runs"]
+    assert dvc["foreach"] == "${ddpm_runs}" and "--run ${key} --conditioning ${item}" in dvc["do"]["cmd"]
+    assert "ddpm_runs" not in dvc["do"]["params"]
+    assert set(runs.values()) <= set(CONDITIONINGS) and {"none", "input_channels"} <= set(runs.values())
 
 
 @pytest.mark.parametrize("profile", C.PROFILES)

@@ -258,6 +258,22 @@ def test_controlnet_trained_resumable_and_loadable(sample_run):
     assert (work / "reports/train/controlnet_landmarks/plots/images/validation/latest.png").is_file()
 
 
+def test_ddpm_runs_trained_and_loadable(sample_run):
+    """train_ddpm@<run> for each ddpm_runs entry: a loadable network of the run's conditioning, the measured
+    null-condition share in its summary (the configured dropout; 1 unconditioned), a validation grid."""
+    from pipelines.ddpm import load_model
+
+    work, _, _ = sample_run
+    runs = yaml.safe_load((work / "params.yaml").read_text())["ddpm_runs"]
+    for run, conditioning in runs.items():
+        model, scheduler = load_model(work / "models/ddpm" / run)
+        assert model.config.conditioning == conditioning and scheduler.config.num_train_timesteps == 1000
+        summary = json.loads((work / "reports/train/ddpm" / run / "summary.json").read_text())
+        assert summary["finished"] and summary["global_step"] == 20
+        assert (summary["null_share"] == 1.0) if conditioning == "none" else (0.0 < summary["null_share"] < 0.3)
+        assert (work / "reports/train/ddpm" / run / "plots/images/validation/latest.png").is_file()
+
+
 def test_training_benchmark_report(sample_run):
     work, _, _ = sample_run
     bench = json.loads((work / "reports/bench/train_controlnet.json").read_text())

@@ -1,11 +1,8 @@
 """The ``train_controlnet`` section: read by train_controlnet and bench_train_controlnet."""
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
-
-import torch
 
 from pipelines.training.controlnet import TrainSettings
 from stages import config as C
@@ -71,20 +68,3 @@ class TrainControlNetConfig:
         fields.pop("pretrained_model")
         fields["validation_extra_prompts"] = tuple(fields["validation_extra_prompts"])
         return TrainSettings(seed=seed, **fields)
-
-
-def training_device(device: str, stage: str) -> torch.device:
-    """The device ``stage``'s training loop runs on for ``base.device``, resolved by the one resolver
-    (:func:`stages.config.resolved_device`: ``auto`` is the GPU when there is one). A :class:`ParamError` names
-    base.device for a device accelerate does not train on here (mps), or for one GPU (``cuda:N``) when several
-    processes were launched (each takes its own local rank's GPU). In one process an explicit ``cuda:N`` is made
-    the current CUDA device, which is the one accelerate's ``cuda`` then means."""
-    dev = C.resolved_device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise C.ParamError(f"base.device: {device!r} is {dev.type} here; {stage} trains on cpu or cuda (via accelerate)")
-    if ":" in device:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise C.ParamError(f"base.device: {device!r} names one GPU, but {stage} was launched as several processes "
-                               "(each takes its own GPU): use cuda or auto")
-        torch.cuda.set_device(dev)
-    return dev
